@@ -1,0 +1,31 @@
+# Set-up, training and tests in a virtual environment of the project's own (.venv).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch; set TORCH_SPEC="torch" (or a CUDA build) on a GPU machine.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install train test test-fast clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+## Train AdaCS on the embedded synthetic data (a few minutes on 2 CPU cores); extra Hydra overrides in ARGS.
+train: install
+	$(BIN)/adacs-train $(ARGS)
+
+## The whole test suite, slow end-to-end runs included.
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## The test suite without the slow end-to-end runs.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

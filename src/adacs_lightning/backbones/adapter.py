@@ -1,0 +1,198 @@
+"""The backbone contract: ``(moving, fixed) -> displacement``, and the adapter that brings networks to it.
+
+A backbone maps ``moving`` and ``fixed`` images ``(B, C, *spatial)`` (2D or 3D) to a
+dense displacement field ``(B, ndim, *spatial)`` in voxels, channel ``i`` along
+spatial axis ``i``, such that ``moving(x + ddf(x))`` matches ``fixed(x)`` (MONAI's
+``Warp`` convention). :class:`Backbone` accepts networks that
+
+* take the pair as two arguments ``net(moving, fixed)`` or one concatenated input
+  ``net(torch.cat([moving, fixed], 1))`` (MONAI's ``LocalNet``, ``RegUNet``, ``GlobalNet``);
+* return the displacement, a tuple whose last element is it (MONAI's ``VoxelMorph``
+  returns ``(warped, ddf)``), or a mapping with key ``"ddf"`` and optionally ``"loss"``,
+  an extra training loss the network carries (added to ``L_de``);
+* predict a stationary velocity field instead (``output="velocity"``), integrated by
+  scaling and squaring with MONAI's ``DVF2DDF``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from monai.networks.blocks import DVF2DDF
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class RegistrationOutput:
+    """What a training step needs from a backbone call."""
+
+    ddf: Tensor  # (B, ndim, *spatial), voxels
+    extra_loss: Tensor | None = None  # scalar, the network's own training loss, if any
+
+
+def infer_image_geometry(net: nn.Module) -> tuple[int, int] | None:
+    """``(spatial_dims, channels of the first layer's input)`` from the first convolution, or None."""
+    for module in net.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            return 2, module.in_channels
+        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+            return 3, module.in_channels
+    return None
+
+
+def _positional_arity(net: nn.Module) -> int:
+    """How many positional arguments ``net.forward`` requires."""
+    try:
+        params = inspect.signature(net.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    required = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is inspect.Parameter.empty
+    ]
+    variadic = any(p.kind == p.VAR_POSITIONAL for p in params)
+    return 2 if variadic else len(required)
+
+
+class Backbone(nn.Module):
+    """Wraps any registration network so that it satisfies the backbone contract.
+
+    Args:
+        net: the registration network.
+        inputs: ``"pair"`` for ``net(moving, fixed)``, ``"concat"`` for
+            ``net(cat([moving, fixed], dim=1))``, ``"auto"`` to read it from the signature
+            of ``net.forward`` (one required argument means concatenated).
+        output: ``"ddf"`` if the network predicts the displacement, ``"velocity"`` if it
+            predicts a stationary velocity field to integrate.
+        integration_steps: scaling-and-squaring steps for ``output="velocity"``.
+        spatial_dims: 2 or 3; read from the network's first convolution when omitted.
+        in_channels: image channels; read from the first convolution when omitted (1 if unknown).
+
+    ``forward(moving, fixed)`` returns the displacement alone: this module is what a
+    trained model exports for inference.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        inputs: Literal["auto", "pair", "concat"] = "auto",
+        output: Literal["ddf", "velocity"] = "ddf",
+        integration_steps: int = 7,
+        spatial_dims: int | None = None,
+        in_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        if inputs not in ("auto", "pair", "concat"):
+            raise ValueError(f"inputs must be 'auto', 'pair' or 'concat', got {inputs!r}")
+        if output not in ("ddf", "velocity"):
+            raise ValueError(f"output must be 'ddf' or 'velocity', got {output!r}")
+        self.net = net
+        self.concat_inputs = inputs == "concat" or (inputs == "auto" and _positional_arity(net) == 1)
+        self.output = output
+        self.integrate = DVF2DDF(num_steps=integration_steps) if output == "velocity" else None
+
+        geometry = infer_image_geometry(net)
+        if spatial_dims is None:
+            if geometry is None:
+                raise ValueError(
+                    f"Cannot tell whether {type(net).__name__} registers 2D or 3D images (it has no "
+                    "convolution to read it from): pass spatial_dims=2 or spatial_dims=3."
+                )
+            spatial_dims = geometry[0]
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if in_channels is None:
+            first = geometry[1] if geometry is not None else 2
+            in_channels = max(first // 2, 1) if self.concat_inputs or geometry is None else first
+        self.spatial_dims = int(spatial_dims)
+        self.in_channels = int(in_channels)
+
+    @property
+    def name(self) -> str:
+        return type(self.net).__name__
+
+    def _call(self, moving: Tensor, fixed: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Run the wrapped network once; returns ``(field, extra loss or None)``."""
+        raw = self.net(torch.cat([moving, fixed], dim=1)) if self.concat_inputs else self.net(moving, fixed)
+        extra = None
+        if isinstance(raw, Mapping):
+            if "ddf" not in raw:
+                raise TypeError(
+                    f"{self.name} returned a mapping without the key 'ddf' (keys: {sorted(raw)}); "
+                    "the backbone contract needs the displacement under 'ddf'."
+                )
+            field, extra = raw["ddf"], raw.get("loss")
+        elif isinstance(raw, (tuple, list)):
+            field = raw[-1]
+        else:
+            field = raw
+        self._check_field(field, moving)
+        return field, extra
+
+    def _check_field(self, field: object, moving: Tensor) -> None:
+        expected = (moving.shape[0], self.spatial_dims, *moving.shape[2:])
+        if not isinstance(field, Tensor) or tuple(field.shape) != expected:
+            got = tuple(field.shape) if isinstance(field, Tensor) else type(field).__name__
+            raise ValueError(
+                f"{self.name} returned a displacement of shape {got}, but the backbone contract needs "
+                f"(batch, ndim, *spatial) = {expected} for inputs of shape {tuple(moving.shape)}. "
+                "Check the network's out_channels (it must equal the number of spatial dimensions) "
+                "and that it keeps the input's spatial size."
+            )
+
+    def _to_ddf(self, field: Tensor) -> Tensor:
+        return self.integrate(field) if self.integrate is not None else field
+
+    def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
+        """Displacement ``(B, ndim, *spatial)`` in voxels that warps ``moving`` onto ``fixed``."""
+        self._check_pair(moving, fixed)
+        return self._to_ddf(self._call(moving, fixed)[0])
+
+    def forward_train(
+        self, moving: Tensor, fixed: Tensor, bidirectional: bool = False
+    ) -> tuple[RegistrationOutput, RegistrationOutput | None]:
+        """The forward (moving → fixed) output and, if ``bidirectional``, the backward one.
+
+        The backward displacement warps ``fixed`` onto ``moving``: for a velocity network it
+        integrates the negated velocity (VoxelMorph's bidirectional mode, one network call);
+        otherwise it is a second call with the images swapped.
+        """
+        self._check_pair(moving, fixed)
+        field, extra = self._call(moving, fixed)
+        forward = RegistrationOutput(self._to_ddf(field), extra)
+        if not bidirectional:
+            return forward, None
+        if self.integrate is not None:
+            return forward, RegistrationOutput(self._to_ddf(-field))
+        back_field, back_extra = self._call(fixed, moving)
+        return forward, RegistrationOutput(back_field, back_extra)
+
+    def _check_pair(self, moving: Tensor, fixed: Tensor) -> None:
+        if moving.shape != fixed.shape:
+            raise ValueError(
+                f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} images must have the same shape"
+            )
+        if moving.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"{self.name} is set up for {self.spatial_dims}D images (batch, channel, "
+                f"{', '.join('xyz'[: self.spatial_dims])}), but got a tensor of shape {tuple(moving.shape)}. "
+                "Use a backbone and data config with matching spatial_dims."
+            )
+
+
+def as_backbone(net: nn.Module, **adapter_kwargs) -> Backbone:
+    """``net`` itself if it already is a :class:`Backbone`, else ``Backbone(net, **adapter_kwargs)``."""
+    if isinstance(net, Backbone):
+        if adapter_kwargs:
+            raise ValueError("net is already a Backbone; pass adapter settings when building it instead")
+        return net
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"a backbone must be a torch.nn.Module, got {type(net).__name__}")
+    return Backbone(net, **adapter_kwargs)

@@ -1,0 +1,310 @@
+"""Cardiac-like phantoms deformed from end-diastole (ED) to end-systole (ES), with echo-like nuisances.
+
+A phantom is a left ventricle seen in a long-axis-free, short-axis-like view: a dark
+blood pool (label 1) inside a bright, textured myocardium ring (label 2), in textured
+tissue. ES is ED pulled back through a smooth contraction field plus a random smooth
+field, so an exact correspondence exists and the label maps measure how well it is
+recovered. Nuisances are applied to each frame independently afterwards and never to
+the labels. Each is modelled on how an echocardiogram is formed:
+
+* speckle: fully developed speckle is the magnitude of a complex Gaussian field whose
+  grain is the point-spread function; it decorrelates between frames (Rayleigh,
+  multiplicative). ``noise="rician"`` instead adds complex Gaussian noise and takes the
+  magnitude, as in magnitude MRI;
+* intensity drift: a smooth multiplicative gain field and a global gain change between
+  frames (time-gain compensation, probe contact);
+* acoustic shadow (target only): everything distal to an occluder (a rib, a
+  calcification) along a wedge of beams loses most of its signal;
+* drop-out (target only): a patch of the lateral wall, where the beam runs parallel to
+  the endocardium, returns almost no echo;
+* a structure present in the target only (a papillary muscle or trabeculation moving
+  into the imaged plane);
+* the field of view: a sector from the probe apex at the top; outside it the image is 0.
+
+Every function takes a ``torch.Generator`` and is deterministic given its state.
+Shapes are ``(1, *spatial)`` (channel first) unless stated; intensities lie in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Warp
+
+Tensor = torch.Tensor
+
+BLOOD, MYOCARDIUM = 1, 2
+LABEL_NAMES = {BLOOD: "blood_pool", MYOCARDIUM: "myocardium"}
+
+
+@dataclass
+class Nuisances:
+    """Strengths of the nuisances; 0 (or ``noise="none"``, ``fov=False``) turns one off.
+
+    Args:
+        noise: ``"speckle"`` (multiplicative Rayleigh, echo), ``"rician"`` (MRI) or ``"none"``.
+        noise_level: speckle: fraction of the signal that is speckle-modulated; rician: noise std.
+        drift: amplitude of the smooth multiplicative gain change between the two frames.
+        shadow_prob: probability that the target has an acoustic shadow.
+        shadow_attenuation: fraction of the signal lost inside the shadow.
+        dropout_prob: probability that the target has a lateral-wall drop-out.
+        dropout_attenuation: fraction of the signal lost at the drop-out's centre.
+        extra_structure_prob: probability of a bright structure present in the target only.
+        fov: mask both frames with an ultrasound sector and return the mask.
+        sector_angle_deg: full opening angle of the sector.
+    """
+
+    noise: Literal["speckle", "rician", "none"] = "speckle"
+    noise_level: float = 0.5
+    drift: float = 0.15
+    shadow_prob: float = 0.5
+    shadow_attenuation: float = 0.85
+    dropout_prob: float = 0.5
+    dropout_attenuation: float = 0.8
+    extra_structure_prob: float = 0.3
+    fov: bool = True
+    sector_angle_deg: float = 80.0
+
+    def __post_init__(self) -> None:
+        if self.noise not in ("speckle", "rician", "none"):
+            raise ValueError(f"noise must be 'speckle', 'rician' or 'none', got {self.noise!r}")
+        for name in ("shadow_prob", "dropout_prob", "extra_structure_prob", "shadow_attenuation",
+                     "dropout_attenuation"):  # fmt: skip
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        for name in ("noise_level", "drift"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if not 0 < self.sector_angle_deg <= 180:
+            raise ValueError(f"sector_angle_deg must lie in (0, 180], got {self.sector_angle_deg}")
+
+
+@dataclass
+class PhantomPair:
+    """One ED→ES pair: ``source`` is ED, ``target`` is ES."""
+
+    source: Tensor  # (1, *spatial) float in [0, 1]
+    target: Tensor
+    source_label: Tensor  # (1, *spatial) int64: 0 background, 1 blood pool, 2 myocardium
+    target_label: Tensor
+    mask: Tensor | None  # (1, *spatial) float {0, 1}, the field of view
+    ddf: Tensor  # (ndim, *spatial) voxels, the true displacement: target(x) = clean source(x + ddf(x))
+
+
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=gen))
+
+
+def smooth_noise(shape: tuple[int, ...], control_points: int, gen: torch.Generator) -> Tensor:
+    """A smooth random field ``(1, *shape)`` with zero mean and unit std (about).
+
+    Gaussian noise on a coarse grid of ``control_points`` per axis, interpolated
+    (bicubic in 2D, trilinear in 3D): the correlation length is about
+    ``size / control_points`` voxels.
+    """
+    coarse = torch.randn((1, 1) + (control_points,) * len(shape), generator=gen)
+    mode = "bicubic" if len(shape) == 2 else "trilinear"
+    field = F.interpolate(coarse, size=shape, mode=mode, align_corners=True)[0]
+    return (field - field.mean()) / field.std().clamp_min(1e-6)
+
+
+def _grid(shape: tuple[int, ...]) -> Tensor:
+    """Voxel coordinates ``(ndim, *shape)``."""
+    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def _blur(image: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``(C, *spatial)`` with std ``sigma`` voxels (the imaging PSF)."""
+    radius = max(int(math.ceil(3 * sigma)), 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=image.dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    ndim = image.ndim - 1
+    out = image.unsqueeze(0)
+    conv = F.conv2d if ndim == 2 else F.conv3d
+    for axis in range(ndim):
+        shape = [1, 1] + [1] * ndim
+        shape[2 + axis] = kernel.numel()
+        padding = [0] * ndim
+        padding[axis] = radius
+        out = conv(F.pad(out, _pad_spec(padding), mode="replicate"), kernel.view(shape))
+    return out[0]
+
+
+def _pad_spec(padding: list[int]) -> list[int]:
+    spec: list[int] = []
+    for p in reversed(padding):
+        spec += [p, p]
+    return spec
+
+
+def anatomy(shape: tuple[int, ...], gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The ED frame: ``(image, label, centre (ndim,), cavity radius in voxels)``.
+
+    An elliptic blood pool with wobbly borders inside a myocardium ring about 40 % as
+    thick as the cavity radius, centred near the middle of the field of view.
+    """
+    ndim, size = len(shape), float(min(shape))
+    coords = _grid(shape)
+    centre = torch.tensor([n * _uniform(gen, 0.52, 0.6) if i == 0 else n * _uniform(gen, 0.45, 0.55)
+                           for i, n in enumerate(shape)])  # fmt: skip
+    cavity_radius = size * _uniform(gen, 0.14, 0.19)
+    radii = torch.tensor([cavity_radius * _uniform(gen, 0.85, 1.15) for _ in range(ndim)])
+    offset = (coords - centre.view(-1, *([1] * ndim))) / radii.view(-1, *([1] * ndim))
+    rho = offset.pow(2).sum(0).sqrt().unsqueeze(0)  # elliptic radius, 1 on the endocardium
+    rho = rho * (1.0 + 0.06 * smooth_noise(shape, 6, gen))
+    wall = _uniform(gen, 0.35, 0.5)
+    label = torch.zeros((1, *shape), dtype=torch.long)
+    label[rho < 1.0 + wall] = MYOCARDIUM
+    label[rho < 1.0] = BLOOD
+
+    tissue = 0.32 + 0.06 * smooth_noise(shape, 12, gen)
+    myocardium = 0.68 * (1.0 + 0.12 * smooth_noise(shape, 16, gen))
+    blood = torch.full((1, *shape), 0.06)
+    image = torch.where(label == MYOCARDIUM, myocardium, torch.where(label == BLOOD, blood, tissue))
+    return _blur(image, 1.0).clamp(0, 1), label, centre, torch.tensor(cavity_radius)
+
+
+def contraction_field(
+    shape: tuple[int, ...], centre: Tensor, cavity_radius: Tensor, gen: torch.Generator
+) -> Tensor:
+    """ED→ES pull-back displacement ``(ndim, *shape)`` in voxels.
+
+    A radial contraction ``k·d·exp(-|d|²/2R²)`` about the cavity centre (``R`` the cavity
+    radius, ``k`` in [0.2, 0.4]: the cavity shrinks and the wall thickens, as in systole),
+    plus a random smooth field of about 1.5 voxels and a small translation.
+    """
+    ndim = len(shape)
+    d = _grid(shape) - centre.view(-1, *([1] * ndim))
+    envelope = torch.exp(-d.pow(2).sum(0, keepdim=True) / (2 * cavity_radius**2))
+    strength = _uniform(gen, 0.2, 0.4)
+    field = strength * d * envelope
+    random = torch.cat([smooth_noise(shape, 4, gen) for _ in range(ndim)]) * 1.5 * _uniform(gen, 0.5, 1.0)
+    translation = torch.tensor([_uniform(gen, -1.5, 1.5) for _ in range(ndim)]).view(-1, *([1] * ndim))
+    return field + random + translation
+
+
+def sector_geometry(shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Depth from the probe apex (top centre) and beam angle from the axis, per voxel ``(1, *shape)``."""
+    ndim = len(shape)
+    coords = _grid(shape)
+    apex = torch.tensor([-0.02 * shape[0]] + [(n - 1) / 2 for n in shape[1:]]).view(-1, *([1] * ndim))
+    rel = coords - apex
+    depth = rel.pow(2).sum(0, keepdim=True).sqrt()
+    lateral = rel[1:].pow(2).sum(0, keepdim=True).sqrt()
+    angle = torch.atan2(lateral, rel[:1])  # 0 along the central beam
+    if ndim == 2:
+        angle = angle * torch.sign(rel[1:2] + 1e-6)  # signed in 2D: left and right of the axis
+    return depth, angle
+
+
+def _speckle(image: Tensor, level: float, gen: torch.Generator) -> Tensor:
+    """Multiplicative Rayleigh speckle with a grain of about one voxel, mean 1."""
+    real = _blur(torch.randn(image.shape, generator=gen), 0.7)
+    imag = _blur(torch.randn(image.shape, generator=gen), 0.7)
+    magnitude = torch.sqrt(real**2 + imag**2)
+    modulation = magnitude / magnitude.mean()
+    return image * (1.0 - level + level * modulation)
+
+
+def _rician(image: Tensor, level: float, gen: torch.Generator) -> Tensor:
+    real = image + level * torch.randn(image.shape, generator=gen)
+    imag = level * torch.randn(image.shape, generator=gen)
+    return torch.sqrt(real**2 + imag**2)
+
+
+def _drift(image: Tensor, level: float, gen: torch.Generator) -> Tensor:
+    gain = 1.0 + level * (0.5 * float(torch.randn((), generator=gen)) + smooth_noise(tuple(image.shape[1:]), 3, gen))
+    return image * gain.clamp_min(0.0)
+
+
+def _shadow(image: Tensor, depth: Tensor, angle: Tensor, nuisance: Nuisances, gen: torch.Generator) -> Tensor:
+    """Attenuate everything distal to an occluder within a wedge of beams (soft edges)."""
+    half_sector = math.radians(nuisance.sector_angle_deg) / 2
+    width = math.radians(_uniform(gen, 6.0, 14.0))
+    if angle.min() < 0:  # 2D: a signed angle
+        centre = _uniform(gen, -half_sector + width, half_sector - width)
+        across = (angle - centre).abs()
+    else:  # 3D: a cone around a beam direction, approximated around the polar angle
+        centre = _uniform(gen, 0.0, half_sector - width)
+        across = (angle - centre).abs()
+    occluder = float(depth.max()) * _uniform(gen, 0.2, 0.45)
+    edge = max(2.0, 0.02 * float(depth.max()))
+    angular = torch.sigmoid((width - across) / (0.15 * width))
+    distal = torch.sigmoid((depth - occluder) / edge)
+    return image * (1.0 - nuisance.shadow_attenuation * angular * distal)
+
+
+def _dropout(image: Tensor, label: Tensor, gen: torch.Generator, attenuation: float) -> Tensor:
+    """Lose the echo over a patch of the lateral wall (beam parallel to the endocardium)."""
+    coords = _grid(tuple(image.shape[1:]))
+    wall = label[0] == MYOCARDIUM
+    if not bool(wall.any()):
+        return image
+    lateral_axis = coords[1]
+    wall_lateral = lateral_axis[wall]
+    centre_lateral = wall_lateral.mean()
+    spread = (wall_lateral - centre_lateral).abs()
+    candidates = torch.nonzero(wall & ((lateral_axis - centre_lateral).abs() > 0.6 * spread.max()))
+    if candidates.numel() == 0:
+        candidates = torch.nonzero(wall)
+    pick = candidates[int(torch.randint(len(candidates), (), generator=gen))].float()
+    radius = float(min(image.shape[1:])) * _uniform(gen, 0.06, 0.1)
+    dist2 = (coords - pick.view(-1, *([1] * (image.ndim - 1)))).pow(2).sum(0, keepdim=True)
+    return image * (1.0 - attenuation * torch.exp(-dist2 / (2 * radius**2)))
+
+
+def _extra_structure(image: Tensor, label: Tensor, gen: torch.Generator) -> Tensor:
+    """A small bright blob inside the blood pool, near the wall, present in this frame only."""
+    cavity = torch.nonzero(label[0] == BLOOD)
+    if cavity.numel() == 0:
+        return image
+    pick = cavity[int(torch.randint(len(cavity), (), generator=gen))].float()
+    radius = float(min(image.shape[1:])) * _uniform(gen, 0.025, 0.045)
+    coords = _grid(tuple(image.shape[1:]))
+    dist2 = (coords - pick.view(-1, *([1] * (image.ndim - 1)))).pow(2).sum(0, keepdim=True)
+    blob = torch.exp(-dist2 / (2 * radius**2))
+    return image + (0.6 - image).clamp_min(0) * blob
+
+
+def make_pair(shape: tuple[int, ...], nuisance: Nuisances, gen: torch.Generator) -> PhantomPair:
+    """One ED→ES phantom pair of spatial ``shape`` (2D or 3D)."""
+    if len(shape) not in (2, 3):
+        raise ValueError(f"phantoms are 2D or 3D, got shape {shape}")
+    ed_image, ed_label, centre, cavity_radius = anatomy(shape, gen)
+    ddf = contraction_field(shape, centre, cavity_radius, gen)
+    warp_image = Warp(mode="bilinear", padding_mode="border")
+    warp_label = Warp(mode="nearest", padding_mode="border")
+    es_image = warp_image(ed_image[None], ddf[None])[0]
+    es_label = warp_label(ed_label[None].float(), ddf[None])[0].round().long()
+
+    frames = []
+    depth, angle = sector_geometry(shape)
+    for is_target, (image, label) in enumerate(((ed_image, ed_label), (es_image, es_label))):
+        image = _drift(image, nuisance.drift, gen) if nuisance.drift > 0 else image
+        if is_target:
+            if _uniform(gen, 0, 1) < nuisance.shadow_prob:
+                image = _shadow(image, depth, angle, nuisance, gen)
+            if _uniform(gen, 0, 1) < nuisance.dropout_prob:
+                image = _dropout(image, label, gen, nuisance.dropout_attenuation)
+            if _uniform(gen, 0, 1) < nuisance.extra_structure_prob:
+                image = _extra_structure(image, label, gen)
+        if nuisance.noise == "speckle" and nuisance.noise_level > 0:
+            image = _speckle(image, nuisance.noise_level, gen)
+        elif nuisance.noise == "rician" and nuisance.noise_level > 0:
+            image = _rician(image, nuisance.noise_level, gen)
+        frames.append(image)
+
+    mask = None
+    if nuisance.fov:
+        half = math.radians(nuisance.sector_angle_deg) / 2
+        mask = ((angle.abs() <= half) & (depth <= 1.02 * shape[0])).float()
+        frames = [f * mask for f in frames]
+    source, target = (f.clamp(0.0, 1.0) for f in frames)
+    return PhantomPair(source, target, ed_label, es_label, mask, ddf)

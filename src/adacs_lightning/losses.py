@@ -1,0 +1,119 @@
+"""The loss terms of AdaCS (METHOD.md), as pure functions: tensors in, tensor out.
+
+Shapes: images and score maps are ``(B, C, *spatial)``; displacement fields are
+``(B, ndim, *spatial)`` in voxels; an optional field-of-view ``mask`` is
+``(B, 1, *spatial)`` with 1 inside the imaged region. Every data term is a mean
+over the voxels inside the mask (over the whole batch at once); gradient
+penalties are means over the whole image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def squared_residual(warped: Tensor, target: Tensor) -> Tensor:
+    """Per-voxel squared intensity residual ``r = (I_t - I_s∘φ)²``, mean over channels.
+
+    Args:
+        warped: the warped source ``(B, C, *spatial)``.
+        target: the target ``(B, C, *spatial)``.
+
+    Returns:
+        ``(B, 1, *spatial)``, in squared intensity units.
+    """
+    if warped.shape != target.shape:
+        raise ValueError(f"warped {tuple(warped.shape)} and target {tuple(target.shape)} differ in shape")
+    return (target - warped).pow(2).mean(dim=1, keepdim=True)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean of ``values`` over the voxels inside ``mask`` (all voxels when ``mask`` is None).
+
+    ``values`` ``(B, C, *spatial)`` and ``mask`` ``(B, 1, *spatial)`` broadcast; the
+    mean is taken over the batch, channels and masked voxels together. A mask with
+    no voxel inside gives 0 rather than NaN.
+    """
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype).expand_as(values)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def gradient_energy(field: Tensor) -> Tensor:
+    """Mean squared spatial gradient ``mean ‖∇x‖²`` of a field ``(B, C, *spatial)``.
+
+    Forward differences along each spatial axis, squared, summed over axes and
+    averaged over voxels and channels; an axis of length 1 adds nothing. For a displacement field this is
+    VoxelMorph's ``Grad('l2')`` up to its division by the number of axes; for a
+    score map (C = 1) it is ``L_smooth``. Forward differences, unlike central
+    ones, also penalise a two-voxel checkerboard.
+    """
+    spatial_axes = [axis for axis in range(2, field.ndim) if field.shape[axis] > 1]
+    return sum((torch.diff(field, dim=axis).pow(2).mean() for axis in spatial_axes), field.new_zeros(()))
+
+
+def displacement_data_term(residual: Tensor, score: Tensor | None, mask: Tensor | None = None) -> Tensor:
+    """Data term of ``L_de``: ``mean(sg(Ŝ)·r)`` inside the mask; ``Ŝ ≡ 1`` when ``score`` is None.
+
+    This is also ``μ_T``, the residual statistic that drives the momentum weight.
+    """
+    if score is not None:
+        residual = score.detach() * residual
+    return masked_mean(residual, mask)
+
+
+def displacement_loss(
+    residual: Tensor, ddf: Tensor, score: Tensor | None, lam: float, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``L_de = mean(sg(Ŝ)·r) + λ·mean‖∇û‖²``.
+
+    Returns:
+        ``(L_de, data term, displacement smoothness)``, each a scalar.
+    """
+    data = displacement_data_term(residual, score, mask)
+    smooth = gradient_energy(ddf)
+    return data + lam * smooth, data, smooth
+
+
+def correspondence_loss(score: Tensor, residual: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``L_ucs = mean(Ŝ·sg(r))``: the residual is detached so the scorer never moves the backbone."""
+    return masked_mean(score * residual.detach(), mask)
+
+
+def score_regulariser(score: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``L_reg = mean((1 - Ŝ)²)``, the guard against the trivial answer ``Ŝ ≡ 0``."""
+    return masked_mean((1.0 - score).pow(2), mask)
+
+
+def scoring_loss(
+    score: Tensor,
+    residual: Tensor,
+    alpha: float,
+    beta: float,
+    momentum: Tensor | float,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``L_se = L_ucs + α·L_reg + β·m_T·L_smooth``.
+
+    Returns:
+        ``(L_se, L_ucs, L_reg, L_smooth)``, each a scalar.
+    """
+    ucs = correspondence_loss(score, residual, mask)
+    reg = score_regulariser(score, mask)
+    smooth = gradient_energy(score)
+    return ucs + alpha * reg + beta * momentum * smooth, ucs, reg, smooth
+
+
+def momentum_target(mu: Tensor, kappa: Tensor | float) -> Tensor:
+    """``b_T = cos(π/2 · min(κ·μ_T, 1))``, in [0, 1] for ``μ_T ≥ 0`` and ``κ > 0``.
+
+    Large residuals (early training) give a small weight, small residuals a weight
+    near 1. Negative products are clamped to 0, so the weight never exceeds 1.
+    """
+    scaled = (kappa * mu).clamp(0.0, 1.0)
+    return torch.cos(0.5 * math.pi * scaled).clamp(0.0, 1.0)  # cos(π/2) is -4e-8 in float32

@@ -1,0 +1,61 @@
+"""Registration quality measures: label overlap and folding of the displacement field."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
+
+Tensor = torch.Tensor
+
+
+def dice_per_label(prediction: Tensor, reference: Tensor, labels: Sequence[int]) -> Tensor:
+    """Dice overlap of integer label maps, per sample and label.
+
+    Args:
+        prediction: ``(B, 1, *spatial)`` integer labels (e.g. the warped source labels).
+        reference: ``(B, 1, *spatial)`` integer labels (the target labels).
+        labels: the label values to score.
+
+    Returns:
+        ``(B, len(labels))`` Dice in [0, 1]; NaN where a label is absent from both maps.
+    """
+    num_classes = int(max(max(labels), prediction.max().item(), reference.max().item())) + 1
+    pred = one_hot(prediction.long(), num_classes)
+    ref = one_hot(reference.long(), num_classes)
+    dice = compute_dice(pred, ref, include_background=True, ignore_empty=False)
+    both_empty = (pred.flatten(2).sum(-1) == 0) & (ref.flatten(2).sum(-1) == 0)
+    dice = torch.where(both_empty, torch.full_like(dice, float("nan")), dice)
+    return dice[:, list(labels)]
+
+
+def jacobian_determinant(ddf: Tensor) -> Tensor:
+    """Determinant of the Jacobian of ``x ↦ x + ddf(x)``, per voxel.
+
+    Args:
+        ddf: ``(B, ndim, *spatial)`` displacement in voxels, channel ``i`` along axis ``i``.
+
+    Returns:
+        ``(B, *spatial)``; values ≤ 0 mark folding. Derivatives are central differences
+        (one-sided at the border), as ``numpy.gradient``.
+    """
+    ndim = ddf.shape[1]
+    if ddf.ndim != ndim + 2:
+        raise ValueError(f"a {ndim}-channel displacement needs {ndim} spatial axes, got shape {tuple(ddf.shape)}")
+    # gradients[i][:, j] = ∂u_j/∂x_i
+    gradients = torch.gradient(ddf, dim=tuple(range(2, ddf.ndim)))
+    jac = torch.stack([g for g in gradients], dim=-1)  # (B, j, *spatial, i)
+    jac = jac.movedim(1, -2)  # (B, *spatial, j, i) = ∂u_j/∂x_i
+    jac = jac + torch.eye(ndim, dtype=ddf.dtype, device=ddf.device)
+    return torch.linalg.det(jac)
+
+
+def folding_percentage(ddf: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Percentage of voxels (inside ``mask`` if given) with a non-positive Jacobian determinant, per sample ``(B,)``."""
+    folded = (jacobian_determinant(ddf) <= 0).to(ddf.dtype)
+    if mask is None:
+        return 100.0 * folded.flatten(1).mean(1)
+    inside = mask[:, 0].to(ddf.dtype)
+    return 100.0 * (folded * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1.0)

@@ -1,0 +1,415 @@
+"""The AdaCS LightningModule: any registration backbone plus a correspondence scorer (METHOD.md)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from monai.networks.blocks import Warp
+from torch import nn
+from torchmetrics import MeanMetric
+
+from .backbones import Backbone, RegistrationOutput, as_backbone
+from .errors import ConfigError, NonFiniteLossError
+from .losses import displacement_loss, masked_mean, scoring_loss, squared_residual
+from .metrics import dice_per_label, folding_percentage
+from .momentum import MomentumWeight
+from .schedule import Phase, phase_at
+from .scoring import ScoringNetwork
+
+Tensor = torch.Tensor
+
+warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
+
+
+@dataclass
+class _Direction:
+    """One registration direction of a micro-batch: what it warps onto what, and how well."""
+
+    moving: Tensor  # (B, C, *spatial)
+    fixed: Tensor  # (B, C, *spatial)
+    residual: Tensor  # (B, 1, *spatial), squared intensity
+    output: RegistrationOutput
+
+
+@dataclass
+class _PendingScoring:
+    """A micro-batch whose scorer loss waits for the end of its accumulation cycle."""
+
+    score: Tensor  # (n_dir·B, 1, *spatial), with the scorer's autograd graph
+    residuals: list[Tensor]  # per direction (B, 1, *spatial), detached
+    pairs: list[tuple[Tensor, Tensor]]  # per direction (moving, fixed), for recomputing the residual
+    mask: Tensor | None
+
+
+@dataclass
+class _Cycle:
+    """State of the current gradient-accumulation cycle."""
+
+    mu: list[Tensor] = field(default_factory=list)
+    pending: list[_PendingScoring] = field(default_factory=list)
+
+
+class AdaCS(L.LightningModule):
+    """Trains a registration backbone with Adaptive Correspondence Scoring.
+
+    ``AdaCS(net)`` is all that is required: ``net`` is any ``nn.Module`` that follows or
+    can be adapted to the backbone contract (see :class:`~adacs_lightning.backbones.Backbone`),
+    and the scorer defaults to a MONAI U-Net built for the backbone's spatial dims. Batches
+    are dicts with ``source`` and ``target`` ``(B, C, *spatial)`` in [0, 1] and optionally
+    ``mask`` (field of view), ``source_label`` and ``target_label`` (for validation only).
+
+    Args:
+        backbone: the registration network ``f_θ``.
+        scorer: the scoring network ``g_φ`` (target image → map in [0, 1]); a
+            :class:`~adacs_lightning.scoring.ScoringNetwork` when omitted.
+        scoring: False trains the plain backbone (the like-for-like baseline: same data
+            term and regulariser, no scorer).
+        alpha: weight ``α`` of ``L_reg``.
+        beta: weight ``β`` of ``L_smooth``.
+        lam: weight ``λ`` of the displacement smoothness.
+        gamma: momentum ``γ`` of ``m_T``.
+        kappa: residual scale ``κ`` of ``b_T``, or ``"auto"`` for ``κ = 1/μ_1`` (see README).
+        warmup_epochs: ``N_w``; warm-up A is epochs ``[0, N_w)``, warm-up B ``[N_w, 2N_w)``.
+        lr: Adam learning rate of the backbone.
+        scorer_lr: Adam learning rate of the scorer (``lr`` when None).
+        accumulate_grad_batches: micro-batches per optimiser step, for both networks.
+        bidirectional: also register target → source; the backward direction is scored by
+            ``g_φ(source)`` and the two directions are averaged.
+        score_residual: which displacement the scorer's residual uses in the joint phase:
+            ``"recompute"`` re-runs the backbone after its update (the reference), ``"reuse"``
+            reuses the displacement from before the update (cheaper, one backbone call).
+        spatial_dims, in_channels: for a backbone from which they cannot be read.
+        eval_labels: label values whose mean Dice is ``val/dice``; by default the datamodule's
+            ``eval_labels``, else every non-zero label.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        scorer: nn.Module | None = None,
+        *,
+        scoring: bool = True,
+        alpha: float = 0.02,
+        beta: float = 1.5,
+        lam: float = 0.01,
+        gamma: float = 0.99,
+        kappa: float | str = "auto",
+        warmup_epochs: int = 20,
+        lr: float = 1e-4,
+        scorer_lr: float | None = None,
+        accumulate_grad_batches: int = 1,
+        bidirectional: bool = False,
+        score_residual: Literal["recompute", "reuse"] = "recompute",
+        spatial_dims: int | None = None,
+        in_channels: int | None = None,
+        eval_labels: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_settings(alpha, beta, lam, warmup_epochs, lr, scorer_lr, accumulate_grad_batches, score_residual)
+        self.save_hyperparameters(ignore=["backbone", "scorer"])
+        self.automatic_optimization = False
+
+        adapter_kwargs = {k: v for k, v in (("spatial_dims", spatial_dims), ("in_channels", in_channels)) if v}
+        self.backbone: Backbone = as_backbone(backbone, **adapter_kwargs)
+        self.scorer: nn.Module | None = None
+        if scoring:
+            self.scorer = scorer or ScoringNetwork(self.backbone.spatial_dims, self.backbone.in_channels)
+        elif scorer is not None:
+            raise ValueError("scoring=False trains the plain backbone: do not pass a scorer")
+        self.momentum = MomentumWeight(gamma=gamma, kappa=kappa)
+        self.warp = Warp(mode="bilinear", padding_mode="border")
+        self.warp_labels = Warp(mode="nearest", padding_mode="border")
+
+        self._cycle = _Cycle()
+        self.val_residual = MeanMetric()
+        self.val_folding = MeanMetric()
+        self.val_dice = MeanMetric(nan_strategy="ignore")
+        self.val_dice_identity = MeanMetric(nan_strategy="ignore")
+        self.val_dice_per_label = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def phase(self) -> Phase:
+        """The schedule phase of the current epoch."""
+        return phase_at(self.current_epoch, self.hparams.warmup_epochs, self.scorer is not None)
+
+    def export_backbone(self) -> Backbone:
+        """A standalone copy of the trained registration network, in eval mode, without the scorer.
+
+        It maps ``(moving, fixed)`` to the displacement ``(B, ndim, *spatial)`` in voxels and
+        costs exactly what the bare network costs at inference.
+        """
+        exported = copy.deepcopy(self.backbone).eval()
+        exported.requires_grad_(False)
+        return exported
+
+    def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
+        """Displacement from the backbone alone (inference)."""
+        return self.backbone(moving, fixed)
+
+    # ------------------------------------------------------------------ optimisers
+    def configure_optimizers(self):
+        opt_backbone = torch.optim.Adam(self.backbone.parameters(), lr=self.hparams.lr)
+        if self.scorer is None:
+            return opt_backbone
+        scorer_lr = self.hparams.scorer_lr or self.hparams.lr
+        return [opt_backbone, torch.optim.Adam(self.scorer.parameters(), lr=scorer_lr)]
+
+    def _optimisers(self) -> tuple[Any, Any | None]:
+        opts = self.optimizers()
+        if isinstance(opts, (list, tuple)):
+            return opts[0], opts[1]
+        return opts, None
+
+    # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        warmup = self.hparams.warmup_epochs
+        max_epochs = self.trainer.max_epochs
+        if self.scorer is not None and max_epochs is not None and max_epochs != -1 and max_epochs <= 2 * warmup:
+            rank_zero_warn(
+                f"max_epochs={max_epochs} ends before the joint phase, which starts at epoch "
+                f"2·warmup_epochs = {2 * warmup}: lower warmup_epochs or raise max_epochs."
+            )
+
+    def on_train_epoch_start(self) -> None:
+        self._cycle = _Cycle()
+        epoch, warmup = self.current_epoch, self.hparams.warmup_epochs
+        phase = self.phase
+        if self.scorer is not None and (epoch in (0, warmup, 2 * warmup)):
+            descriptions = {
+                Phase.WARMUP_BACKBONE: "warm-up A, training the backbone alone (score ≡ 1)",
+                Phase.WARMUP_SCORER: "warm-up B, training the scorer with the backbone frozen",
+                Phase.JOINT: "joint phase, updating backbone and scorer every step",
+            }
+            rank_zero_info(f"Epoch {epoch}: {descriptions[phase]}.")
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        source, target, mask = _unpack(batch)
+        phase = self.phase
+        cycle_end, cycle_len = self._cycle_position(batch_idx)
+        bidirectional = self.hparams.bidirectional
+
+        if phase is Phase.WARMUP_SCORER:
+            forward, backward = self._frozen_backbone(source, target, bidirectional)
+        else:
+            forward, backward = self.backbone.forward_train(source, target, bidirectional)
+        directions = self._directions(source, target, forward, backward)
+
+        score = None
+        if phase is not Phase.WARMUP_BACKBONE:
+            score = self.scorer(torch.cat([d.fixed for d in directions], dim=0))
+        scores = _split(score, len(directions))
+
+        de_terms = [
+            displacement_loss(d.residual, d.output.ddf, s, self.hparams.lam, mask)
+            for d, s in zip(directions, scores)
+        ]
+        loss_de = _mean(t[0] for t in de_terms)
+        data = _mean(t[1] for t in de_terms)
+        smooth_ddf = _mean(t[2] for t in de_terms)
+        extras = [d.output.extra_loss for d in directions if d.output.extra_loss is not None]
+        if extras and phase is not Phase.WARMUP_SCORER:
+            loss_de = loss_de + _mean(extras)
+
+        opt_backbone, opt_scorer = self._optimisers()
+        if phase is not Phase.WARMUP_SCORER:
+            self._check_finite(batch_idx, phase, {"L_de": loss_de, "displacement data term": data})
+            self.manual_backward(loss_de / cycle_len)
+        self.log_dict(
+            {"train/loss_de": loss_de, "train/data": data, "train/smooth_ddf": smooth_ddf},
+            on_step=True, on_epoch=True, batch_size=source.shape[0], prog_bar=False,
+        )  # fmt: skip
+        self.log("train/phase", float(phase.index), on_step=True, on_epoch=False, batch_size=source.shape[0])
+
+        if score is not None:
+            self._cycle.mu.append(data.detach())
+            self._cycle.pending.append(
+                _PendingScoring(
+                    score=score,
+                    residuals=[d.residual.detach() for d in directions],
+                    pairs=[(d.moving, d.fixed) for d in directions],
+                    mask=mask,
+                )
+            )
+
+        if not cycle_end:
+            return
+        if phase is not Phase.WARMUP_SCORER:
+            opt_backbone.step()
+            opt_backbone.zero_grad(set_to_none=True)
+        if score is not None:
+            self._scorer_update(batch_idx, phase, opt_scorer, cycle_len, source.shape[0])
+        self._cycle = _Cycle()
+
+    def _scorer_update(self, batch_idx: int, phase: Phase, opt_scorer, cycle_len: int, batch_size: int) -> None:
+        """Update ``m_T`` with this cycle's ``μ_T`` and take the scorer's optimiser step on ``L_se``."""
+        mu = torch.stack(self._cycle.mu).mean()
+        mu = self.trainer.strategy.reduce(mu, reduce_op="mean")
+        m = self.momentum.update(mu)
+        recompute = phase is Phase.JOINT and self.hparams.score_residual == "recompute"
+        for pending in self._cycle.pending:
+            residuals = pending.residuals
+            if recompute:
+                residuals = self._recomputed_residuals(pending)
+            scores = _split(pending.score, len(residuals))
+            se_terms = [
+                scoring_loss(s, r, self.hparams.alpha, self.hparams.beta, m, pending.mask)
+                for s, r in zip(scores, residuals)
+            ]
+            loss_se = _mean(t[0] for t in se_terms)
+            self._check_finite(batch_idx, phase, {"L_se": loss_se})
+            self.manual_backward(loss_se / cycle_len)
+        opt_scorer.step()
+        opt_scorer.zero_grad(set_to_none=True)
+        self.log_dict(
+            {
+                "train/loss_se": loss_se,
+                "train/ucs": _mean(t[1] for t in se_terms),
+                "train/reg": _mean(t[2] for t in se_terms),
+                "train/smooth_score": _mean(t[3] for t in se_terms),
+                "train/score_mean": pending.score.detach().mean(),
+                "train/mu": mu,
+                "train/m": m,
+            },
+            on_step=True, on_epoch=True, batch_size=batch_size,
+        )  # fmt: skip
+
+    def _recomputed_residuals(self, pending: _PendingScoring) -> list[Tensor]:
+        """Residuals of the pending micro-batch under the backbone as it is after its update."""
+        moving, fixed = pending.pairs[0]
+        forward, backward = self._frozen_backbone(moving, fixed, len(pending.pairs) == 2)
+        return [d.residual for d in self._directions(moving, fixed, forward, backward)]
+
+    def _frozen_backbone(
+        self, moving: Tensor, fixed: Tensor, bidirectional: bool
+    ) -> tuple[RegistrationOutput, RegistrationOutput | None]:
+        """Backbone outputs without gradients, in eval mode (the backbone is frozen)."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        with torch.no_grad():
+            outputs = self.backbone.forward_train(moving, fixed, bidirectional)
+        self.backbone.train(was_training)
+        return outputs
+
+    def _directions(
+        self, source: Tensor, target: Tensor, forward: RegistrationOutput, backward: RegistrationOutput | None
+    ) -> list[_Direction]:
+        pairs = [(source, target, forward)] + ([(target, source, backward)] if backward is not None else [])
+        return [
+            _Direction(moving, fixed, squared_residual(self.warp(moving, out.ddf), fixed), out)
+            for moving, fixed, out in pairs
+        ]
+
+    def _cycle_position(self, batch_idx: int) -> tuple[bool, int]:
+        """Whether ``batch_idx`` ends its accumulation cycle, and that cycle's length.
+
+        A cycle also ends at the last batch of an epoch (the phase may change there).
+        """
+        k = self.hparams.accumulate_grad_batches
+        num_batches = self.trainer.num_training_batches
+        start = batch_idx - batch_idx % k
+        if num_batches == float("inf"):
+            return (batch_idx + 1) % k == 0, k
+        length = min(k, int(num_batches) - start)
+        return batch_idx + 1 == start + length, length
+
+    def _check_finite(self, batch_idx: int, phase: Phase, terms: Mapping[str, Tensor]) -> None:
+        values = torch.stack([t.detach().float() for t in terms.values()])
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            bad = [name for name, ok in zip(terms, finite.tolist()) if not ok]
+            raise NonFiniteLossError(batch_idx, self.current_epoch, phase.value, bad)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._eval_labels = self._resolve_eval_labels()
+
+    def _resolve_eval_labels(self) -> list[int] | None:
+        if self.hparams.eval_labels:
+            return [int(v) for v in self.hparams.eval_labels]
+        datamodule = getattr(self.trainer, "datamodule", None)
+        labels = getattr(datamodule, "eval_labels", None)
+        return [int(v) for v in labels] if labels else None
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        source, target, mask = _unpack(batch)
+        ddf = self.backbone(source, target)
+        warped = self.warp(source, ddf)
+        residual = squared_residual(warped, target)
+        batch_size = source.shape[0]
+        per_sample_residual = torch.stack(
+            [masked_mean(residual[i : i + 1], None if mask is None else mask[i : i + 1]) for i in range(batch_size)]
+        )
+        self.val_residual.update(per_sample_residual)
+        self.val_folding.update(folding_percentage(ddf, mask))
+        log = {"val/residual": self.val_residual, "val/folding_pct": self.val_folding}
+
+        if "source_label" in batch and "target_label" in batch:
+            source_label, target_label = batch["source_label"], batch["target_label"]
+            labels = self._eval_labels or _nonzero_labels(target_label)
+            warped_label = self.warp_labels(source_label.to(ddf.dtype), ddf).round().long()
+            dice = dice_per_label(warped_label, target_label, labels)
+            self.val_dice.update(dice.nanmean(dim=1))
+            self.val_dice_identity.update(dice_per_label(source_label, target_label, labels).nanmean(dim=1))
+            for column, label in enumerate(labels):
+                self._label_metric(label).update(dice[:, column])
+            log.update({"val/dice": self.val_dice, "val/dice_identity": self.val_dice_identity})
+            log.update({f"val/dice_label{k}": metric for k, metric in self.val_dice_per_label.items()})
+        dice_metric = log.pop("val/dice", None)
+        self.log_dict(log, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        if dice_metric is not None:
+            self.log("val/dice", dice_metric, prog_bar=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
+
+    def _label_metric(self, label: int) -> MeanMetric:
+        key = str(label)
+        if key not in self.val_dice_per_label:
+            self.val_dice_per_label[key] = MeanMetric(nan_strategy="ignore").to(self.device)
+        return self.val_dice_per_label[key]
+
+
+def _check_settings(alpha, beta, lam, warmup_epochs, lr, scorer_lr, accumulate, score_residual) -> None:
+    """Reject values the method cannot use, naming the setting."""
+    for name, value in (("alpha", alpha), ("beta", beta), ("lam", lam), ("warmup_epochs", warmup_epochs)):
+        if value < 0:
+            raise ConfigError(name, f"must be non-negative, got {value}.")
+    for name, value in (("lr", lr), ("scorer_lr", scorer_lr)):
+        if value is not None and value <= 0:
+            raise ConfigError(name, f"must be positive, got {value}.")
+    if accumulate < 1:
+        raise ConfigError("accumulate_grad_batches", f"must be at least 1, got {accumulate}.")
+    if score_residual not in ("recompute", "reuse"):
+        raise ConfigError("score_residual", f"must be 'recompute' or 'reuse', got {score_residual!r}.")
+
+
+def _unpack(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(source, target, mask or None)`` from a batch dict, with a clear error for anything else."""
+    if not isinstance(batch, Mapping) or "source" not in batch or "target" not in batch:
+        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise KeyError(
+            f"AdaCS expects batches as dicts with 'source' and 'target' (and optionally 'mask', "
+            f"'source_label', 'target_label'); got {keys}."
+        )
+    source, target = batch["source"], batch["target"]
+    if source.shape != target.shape:
+        raise ValueError(f"source {tuple(source.shape)} and target {tuple(target.shape)} differ in shape")
+    return source, target, batch.get("mask")
+
+
+def _split(score: Tensor | None, parts: int) -> list[Tensor | None]:
+    return [None] * parts if score is None else list(score.chunk(parts, dim=0))
+
+
+def _mean(values) -> Tensor:
+    values = list(values)
+    return values[0] if len(values) == 1 else torch.stack(values).mean()
+
+
+def _nonzero_labels(label_map: Tensor) -> list[int]:
+    return [int(v) for v in torch.unique(label_map).tolist() if v != 0]

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny data and networks so that every test runs in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+from adacs_lightning import AdaCS, Nuisances, SyntheticDataModule, voxelmorph
+
+os.environ.setdefault("WANDB_MODE", "offline")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
+
+
+def tiny_backbone(spatial_dims: int = 2):
+    """A VoxelMorph with narrow layers: the real architecture at a fraction of the cost."""
+    return voxelmorph(
+        spatial_dims=spatial_dims, channels=(4, 8, 8, 8), unet_out_channels=8, final_conv_channels=(8,)
+    )
+
+
+def tiny_datamodule(spatial_dims: int = 2, size: int = 32, pairs: int = 8, batch_size: int = 4, **kwargs):
+    return SyntheticDataModule(
+        spatial_dims=spatial_dims,
+        image_size=size,
+        train_pairs=pairs,
+        val_pairs=4,
+        test_pairs=4,
+        batch_size=batch_size,
+        **kwargs,
+    )
+
+
+def tiny_trainer(max_epochs: int, tmp_path=None, **kwargs) -> L.Trainer:
+    defaults = dict(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path) if tmp_path else None,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def tiny_model(**kwargs) -> AdaCS:
+    kwargs.setdefault("warmup_epochs", 1)
+    kwargs.setdefault("lr", 1e-3)
+    return AdaCS(tiny_backbone(), **kwargs)
+
+
+@pytest.fixture
+def datamodule():
+    return tiny_datamodule()
+
+
+@pytest.fixture
+def clean_nuisance():
+    return Nuisances(noise="none", drift=0.0, shadow_prob=0.0, dropout_prob=0.0, extra_structure_prob=0.0, fov=False)

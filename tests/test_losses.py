@@ -1,0 +1,112 @@
+"""Every loss term against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from adacs_lightning.losses import (
+    correspondence_loss,
+    displacement_data_term,
+    displacement_loss,
+    gradient_energy,
+    masked_mean,
+    momentum_target,
+    score_regulariser,
+    scoring_loss,
+    squared_residual,
+)
+
+
+def test_squared_residual_is_channel_mean_of_squares():
+    warped = torch.tensor([[[[0.0, 1.0]], [[0.5, 0.5]]]])  # (1, 2, 1, 2)
+    target = torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]])
+    # voxel 0: ((1-0)² + (0-0.5)²)/2 = 0.625 ; voxel 1: (0 + 0.25)/2 = 0.125
+    assert torch.allclose(squared_residual(warped, target), torch.tensor([[[[0.625, 0.125]]]]))
+
+
+def test_squared_residual_rejects_shape_mismatch():
+    with pytest.raises(ValueError, match="differ in shape"):
+        squared_residual(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+
+
+def test_masked_mean_counts_only_voxels_inside():
+    values = torch.tensor([[[[1.0, 2.0], [3.0, 10.0]]]])
+    mask = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]]])
+    assert masked_mean(values, mask).item() == pytest.approx(2.0)
+    assert masked_mean(values).item() == pytest.approx(4.0)
+    assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_gradient_energy_of_a_ramp():
+    # x-ramp with slope 2 along the last axis: every forward difference is 2 → 4; none along rows.
+    field = (2.0 * torch.arange(5.0)).expand(1, 1, 3, 5)
+    assert gradient_energy(field).item() == pytest.approx(4.0)
+    # 3D: slopes 1 and 3 along two axes → 1 + 9.
+    z, y, x = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    assert gradient_energy((z + 3 * y)[None, None]).item() == pytest.approx(10.0)
+
+
+def test_gradient_energy_sees_a_checkerboard():
+    board = (torch.arange(4)[:, None] + torch.arange(4)[None, :]) % 2
+    assert gradient_energy(board[None, None].float()).item() == pytest.approx(2.0)
+
+
+def test_displacement_loss_hand_computed():
+    residual = torch.tensor([[[[0.2, 0.4]]]])
+    score = torch.tensor([[[[0.5, 1.0]]]])
+    ddf = torch.zeros(1, 2, 1, 2)
+    ddf[0, 0, 0, 1] = 1.0  # one step of 1 along x in channel 0 → energy (1² over 1 difference)/2 channels
+    total, data, smooth = displacement_loss(residual, ddf, score, lam=0.1)
+    assert data.item() == pytest.approx((0.1 + 0.4) / 2)
+    assert smooth.item() == pytest.approx(0.5)
+    assert total.item() == pytest.approx(0.25 + 0.05)
+    _, data_unscored, _ = displacement_loss(residual, ddf, None, lam=0.1)
+    assert data_unscored.item() == pytest.approx(0.3)
+
+
+def test_scoring_loss_hand_computed():
+    score = torch.tensor([[[[0.5, 1.0], [0.0, 1.0]]]])
+    residual = torch.tensor([[[[0.2, 0.4], [1.0, 0.0]]]])
+    total, ucs, reg, smooth = scoring_loss(score, residual, alpha=0.02, beta=1.5, momentum=0.5)
+    assert ucs.item() == pytest.approx((0.1 + 0.4 + 0.0 + 0.0) / 4)
+    assert reg.item() == pytest.approx((0.25 + 0 + 1 + 0) / 4)
+    # rows: (1-0.5)²=0.25, (1-0)²=1 → mean 0.625; columns: (0-0.5)²=0.25, (1-1)²=0 → mean 0.125
+    assert smooth.item() == pytest.approx(0.75)
+    assert total.item() == pytest.approx(0.125 + 0.02 * 0.3125 + 1.5 * 0.5 * 0.75)
+
+
+def test_score_terms_respect_the_mask():
+    score = torch.tensor([[[[1.0, 0.0]]]])
+    residual = torch.tensor([[[[0.5, 9.0]]]])
+    mask = torch.tensor([[[[1.0, 0.0]]]])
+    assert correspondence_loss(score, residual, mask).item() == pytest.approx(0.5)
+    assert score_regulariser(score, mask).item() == pytest.approx(0.0)
+
+
+def test_stop_gradients():
+    """L_de never reaches the scorer; L_ucs never reaches the displacement."""
+    scorer_param = torch.tensor(0.3, requires_grad=True)
+    backbone_param = torch.tensor(0.7, requires_grad=True)
+    score = torch.sigmoid(scorer_param * torch.ones(1, 1, 2, 2))
+    residual = (backbone_param * torch.ones(1, 1, 2, 2)) ** 2
+    data = displacement_data_term(residual, score)
+    assert torch.autograd.grad(data, scorer_param, allow_unused=True)[0] is None
+    assert torch.autograd.grad(data, backbone_param, retain_graph=True)[0] is not None
+    ucs = correspondence_loss(score, residual)
+    assert torch.autograd.grad(ucs, backbone_param, allow_unused=True, retain_graph=True)[0] is None
+    assert torch.autograd.grad(ucs, scorer_param)[0] is not None
+
+
+@pytest.mark.parametrize(
+    ("mu", "kappa", "expected"),
+    [(0.0, 50.0, 1.0), (0.01, 50.0, math.cos(math.pi / 4)), (0.02, 50.0, 0.0), (0.5, 50.0, 0.0), (0.01, 1.0, math.cos(0.005 * math.pi))],
+)
+def test_momentum_target(mu, kappa, expected):
+    assert momentum_target(torch.tensor(mu), kappa).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_momentum_target_stays_in_unit_interval():
+    mu = torch.logspace(-6, 2, 200)
+    b = momentum_target(mu, 50.0)
+    assert bool((b >= 0).all()) and bool((b <= 1).all())

@@ -1,0 +1,221 @@
+"""The AdaCS LightningModule: schedule, stop-gradients, accumulation, mask, bidirectional, export."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from adacs_lightning import AdaCS, ConfigError
+from adacs_lightning.schedule import Phase
+
+from .conftest import tiny_backbone, tiny_datamodule, tiny_model, tiny_trainer
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+class PhaseRecorder(L.Callback):
+    """Records, per epoch, which networks changed."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_epoch_start(self, trainer, module):
+        self.before = (snapshot(module.backbone), snapshot(module.scorer), int(module.momentum.count))
+
+    def on_train_epoch_end(self, trainer, module):
+        backbone, scorer, count = self.before
+        self.rows.append(
+            (module.phase, changed(backbone, module.backbone), changed(scorer, module.scorer),
+             int(module.momentum.count) - count)
+        )  # fmt: skip
+
+
+def test_one_line_wrap_builds_scorer_for_the_backbone_dims():
+    model = AdaCS(tiny_backbone(spatial_dims=3))
+    assert model.scorer.spatial_dims == 3
+    assert model.hparams.alpha == 0.02 and model.hparams.beta == 1.5 and model.hparams.lam == 0.01
+    assert model.hparams.warmup_epochs == 20 and model.hparams.lr == 1e-4 and model.hparams.gamma == 0.99
+
+
+def test_schedule_updates_the_right_network_in_each_phase():
+    recorder = PhaseRecorder()
+    tiny_trainer(3, callbacks=[recorder]).fit(tiny_model(), tiny_datamodule())
+    steps = 2  # 8 pairs, batch 4
+    assert recorder.rows == [
+        (Phase.WARMUP_BACKBONE, True, False, 0),
+        (Phase.WARMUP_SCORER, False, True, steps),
+        (Phase.JOINT, True, True, steps),
+    ]
+
+
+def test_baseline_has_no_scorer_and_one_optimiser():
+    model = tiny_model(scoring=False)
+    assert model.scorer is None
+    assert isinstance(model.configure_optimizers(), torch.optim.Adam)
+    recorder_rows = []
+
+    class Check(L.Callback):
+        def on_train_epoch_end(self, trainer, module):
+            recorder_rows.append(module.phase)
+
+    tiny_trainer(3, callbacks=[Check()]).fit(model, tiny_datamodule())
+    assert recorder_rows == [Phase.WARMUP_BACKBONE] * 3
+    n_backbone = sum(p.numel() for p in model.backbone.parameters())
+    assert sum(p.numel() for p in model.parameters()) == n_backbone
+
+
+class GradientAudit(AdaCS):
+    """Records which network each backward pass reaches."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.audit = []
+
+    def manual_backward(self, loss, *args, **kwargs):
+        def grads(module):
+            return [None if p.grad is None else p.grad.clone() for p in module.parameters()]
+
+        before_f, before_g = grads(self.backbone), grads(self.scorer)
+        super().manual_backward(loss, *args, **kwargs)
+
+        def reached(module, before):
+            return any(
+                p.grad is not None and (b is None or not torch.equal(b, p.grad))
+                for p, b in zip(module.parameters(), before)
+            )
+
+        self.audit.append((self.phase, reached(self.backbone, before_f), reached(self.scorer, before_g)))
+
+
+@pytest.mark.parametrize("score_residual", ["recompute", "reuse"])
+def test_stop_gradients_in_the_joint_step(score_residual):
+    model = GradientAudit(tiny_backbone(), warmup_epochs=0, lr=1e-3, score_residual=score_residual)
+    tiny_trainer(1).fit(model, tiny_datamodule())
+    # per step: L_de reaches only the backbone, then L_se reaches only the scorer
+    assert model.audit == [(Phase.JOINT, True, False), (Phase.JOINT, False, True)] * 2
+
+
+def test_warmup_b_never_reaches_the_backbone():
+    model = GradientAudit(tiny_backbone(), warmup_epochs=1, lr=1e-3)
+    tiny_trainer(2).fit(model, tiny_datamodule())
+    assert [row for row in model.audit if row[0] is Phase.WARMUP_SCORER] == [(Phase.WARMUP_SCORER, False, True)] * 2
+    assert [row for row in model.audit if row[0] is Phase.WARMUP_BACKBONE] == [(Phase.WARMUP_BACKBONE, True, False)] * 2
+
+
+def test_recompute_and_reuse_differ_only_in_the_scorer():
+    """Same backbone trajectory; the scorer sees post- vs pre-update residuals."""
+    results = {}
+    for mode in ("recompute", "reuse"):
+        torch.manual_seed(0)
+        model = tiny_model(warmup_epochs=0, score_residual=mode)
+        tiny_trainer(1).fit(model, tiny_datamodule())
+        results[mode] = model
+    for (name, a), b in zip(results["recompute"].backbone.state_dict().items(), results["reuse"].backbone.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert changed(snapshot(results["recompute"].scorer), results["reuse"].scorer)
+
+
+def test_gradient_accumulation_matches_the_larger_batch():
+    """Two micro-batches of 4 with accumulation 2 give the same update as one batch of 8."""
+    models = {}
+    for accumulate, batch in ((1, 8), (2, 4)):
+        torch.manual_seed(0)
+        model = tiny_model(warmup_epochs=1, accumulate_grad_batches=accumulate, score_residual="reuse")
+        dm = tiny_datamodule(pairs=8, batch_size=batch)
+        tiny_trainer(3).fit(model, dm)
+        models[accumulate] = model
+    # FOV masks have the same size in every pair, so masked means over 8 = mean of two means over 4.
+    # Adam's first steps are ±lr wherever a gradient is near 0, which turns float rounding of
+    # the summation order into differences of up to ~1e-4 here (lr 1e-3): hence the tolerance.
+    for (name, a), b in zip(models[1].state_dict().items(), models[2].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=3e-4, msg=name)
+
+
+def test_mask_hides_residuals_outside_the_field_of_view():
+    """Residuals outside the mask change neither the losses nor any gradient of either network."""
+    from adacs_lightning.losses import displacement_loss, scoring_loss
+
+    dm = tiny_datamodule()
+    dm.setup("fit")
+    batch = {k: torch.stack([dm.datasets["train"][i][k] for i in range(4)]) for k in ("source", "target", "mask")}
+    outside = 1 - batch["mask"]
+    assert outside.sum() > 0
+    garbage = 5.0 * outside * torch.rand_like(outside)
+
+    def losses_and_grads(extra_residual):
+        torch.manual_seed(0)
+        model = tiny_model(warmup_epochs=0)
+        forward, _ = model.backbone.forward_train(batch["source"], batch["target"])
+        residual = model._directions(batch["source"], batch["target"], forward, None)[0].residual + extra_residual
+        score = model.scorer(batch["target"])
+        loss_de = displacement_loss(residual, forward.ddf, score, 0.01, batch["mask"])[0]
+        loss_se = scoring_loss(score, residual, 0.02, 1.5, 0.5, batch["mask"])[0]
+        (loss_de + loss_se).backward()
+        return [loss_de.item(), loss_se.item()], [p.grad.clone() for p in model.parameters()]
+
+    clean_losses, clean_grads = losses_and_grads(0.0)
+    noisy_losses, noisy_grads = losses_and_grads(garbage)
+    assert clean_losses == pytest.approx(noisy_losses, rel=1e-6)
+    for a, b in zip(clean_grads, noisy_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_bidirectional_training_runs_all_phases_and_scores_both_images():
+    calls = []
+    model = tiny_model(bidirectional=True)
+    model.scorer.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+    tiny_trainer(3).fit(model, tiny_datamodule())
+    assert calls and set(calls) == {8}  # 4 targets + 4 sources per step
+    assert torch.isfinite(torch.tensor(float(model.trainer.callback_metrics["train/loss_se"])))
+
+
+def test_momentum_in_unit_interval_and_logged():
+    model = tiny_model(kappa=50.0)
+    trainer = tiny_trainer(4)
+    trainer.fit(model, tiny_datamodule())
+    m = float(trainer.callback_metrics["train/m"])
+    assert 0.0 <= m <= 1.0 and int(model.momentum.count) == 6
+
+
+def test_validation_reports_dice_identity_and_folding():
+    trainer = tiny_trainer(1)
+    trainer.fit(tiny_model(), tiny_datamodule())
+    metrics = trainer.callback_metrics
+    for key in ("val/dice", "val/dice_identity", "val/dice_label2", "val/residual", "val/folding_pct"):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    assert 0.0 <= float(metrics["val/dice"]) <= 1.0
+
+
+def test_export_backbone_is_the_bare_network():
+    bare = tiny_backbone()
+    model = AdaCS(copy.deepcopy(bare))
+    exported = model.export_backbone()
+    assert sum(p.numel() for p in exported.parameters()) == sum(p.numel() for p in bare.parameters())
+    assert not exported.training and not any(p.requires_grad for p in exported.parameters())
+    moving, fixed = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(exported(moving, fixed), bare(moving, fixed))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "setting"),
+    [({"alpha": -1}, "alpha"), ({"lr": 0}, "lr"), ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
+     ({"score_residual": "later"}, "score_residual")],
+)  # fmt: skip
+def test_invalid_settings_name_the_setting(kwargs, setting):
+    with pytest.raises(ConfigError, match=f"Setting '{setting}'"):
+        tiny_model(**kwargs)
+
+
+def test_bad_batch_is_explained():
+    model = tiny_model()
+    with pytest.raises(KeyError, match="'source' and 'target'"):
+        model.validation_step((torch.zeros(1), torch.zeros(1)), 0)

@@ -1,0 +1,66 @@
+"""Checkpoints carry both networks, both optimisers, the schedule position and m_T."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from adacs_lightning import NonFiniteLossError
+
+from .conftest import tiny_datamodule, tiny_model, tiny_trainer
+
+
+def fit(max_epochs, ckpt_dir, ckpt_path=None, **model_kwargs):
+    L.seed_everything(0, verbose=False)
+    model = tiny_model(kappa="auto", **model_kwargs)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, monitor="val/dice", mode="max")
+    trainer = tiny_trainer(max_epochs, callbacks=[checkpoint], enable_checkpointing=True)
+    trainer.fit(model, tiny_datamodule(), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+@pytest.mark.parametrize("split_epoch", [1, 3])
+def test_resume_continues_exactly(tmp_path, split_epoch):
+    """N epochs straight equals N/2 + resume from last.ckpt + N/2, through all three phases."""
+    straight, _ = fit(5, tmp_path / "straight")
+    fit(split_epoch, tmp_path / "split")
+    checkpoint = torch.load(tmp_path / "split" / "last.ckpt", weights_only=False)
+    assert len(checkpoint["optimizer_states"]) == 2
+    assert {"momentum.value", "momentum.count", "momentum.kappa"} <= set(checkpoint["state_dict"])
+    resumed, trainer = fit(5, tmp_path / "split", ckpt_path=tmp_path / "split" / "last.ckpt")
+    assert trainer.current_epoch == 5
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    assert int(resumed.momentum.count) == int(straight.momentum.count) > 0
+
+
+class PoisonAtEpoch(L.Callback):
+    """Puts a NaN into one training image when ``epoch`` starts."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            for item in trainer.datamodule.datasets["train"].items:
+                item["source"] = item["source"].clone()
+                item["source"][0, 0, 0] = float("nan")
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    L.seed_everything(0, verbose=False)
+    model = tiny_model(warmup_epochs=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, monitor="val/dice", mode="max")
+    trainer = tiny_trainer(4, callbacks=[checkpoint, PoisonAtEpoch(1)], enable_checkpointing=True)
+    with pytest.raises(NonFiniteLossError) as error:
+        trainer.fit(model, tiny_datamodule())
+    message = str(error.value)
+    assert "epoch 1" in message and "warmup_backbone" in message and "L_de" in message
+    assert "last.ckpt" in message
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+    # the weights in memory were never stepped with the bad loss either
+    assert all(torch.isfinite(p).all() for p in model.parameters())
