@@ -18,9 +18,7 @@ warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*"
 
 def tiny_backbone(spatial_dims: int = 2):
     """A VoxelMorph with narrow layers: the real architecture at a fraction of the cost."""
-    return voxelmorph(
-        spatial_dims=spatial_dims, channels=(4, 8, 8, 8), unet_out_channels=8, final_conv_channels=(8,)
-    )
+    return voxelmorph(spatial_dims=spatial_dims, channels=(4, 8, 8, 8), unet_out_channels=8, final_conv_channels=(8,))
 
 
 def tiny_datamodule(spatial_dims: int = 2, size: int = 32, pairs: int = 8, batch_size: int = 4, **kwargs):

@@ -136,7 +136,9 @@ def test_warp_direction_recovers_a_known_translation():
     opt = torch.optim.Adam(backbone.parameters(), lr=3e-3)
     for _ in range(150):
         ddf = backbone(moving, fixed)
-        loss = (warp(moving, ddf) - fixed).pow(2).mean() + 1e-3 * sum(torch.diff(ddf, dim=d).pow(2).mean() for d in (2, 3))
+        loss = (warp(moving, ddf) - fixed).pow(2).mean() + 1e-3 * sum(
+            torch.diff(ddf, dim=d).pow(2).mean() for d in (2, 3)
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()

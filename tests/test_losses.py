@@ -100,7 +100,13 @@ def test_stop_gradients():
 
 @pytest.mark.parametrize(
     ("mu", "kappa", "expected"),
-    [(0.0, 50.0, 1.0), (0.01, 50.0, math.cos(math.pi / 4)), (0.02, 50.0, 0.0), (0.5, 50.0, 0.0), (0.01, 1.0, math.cos(0.005 * math.pi))],
+    [
+        (0.0, 50.0, 1.0),
+        (0.01, 50.0, math.cos(math.pi / 4)),
+        (0.02, 50.0, 0.0),
+        (0.5, 50.0, 0.0),
+        (0.01, 1.0, math.cos(0.005 * math.pi)),
+    ],
 )
 def test_momentum_target(mu, kappa, expected):
     assert momentum_target(torch.tensor(mu), kappa).item() == pytest.approx(expected, abs=1e-6)

@@ -34,9 +34,13 @@ class PhaseRecorder(L.Callback):
     def on_train_epoch_end(self, trainer, module):
         backbone, scorer, count = self.before
         self.rows.append(
-            (module.phase, changed(backbone, module.backbone), changed(scorer, module.scorer),
-             int(module.momentum.count) - count)
-        )  # fmt: skip
+            (
+                module.phase,
+                changed(backbone, module.backbone),
+                changed(scorer, module.scorer),
+                int(module.momentum.count) - count,
+            )
+        )
 
 
 def test_one_line_wrap_builds_scorer_for_the_backbone_dims():
@@ -119,7 +123,9 @@ def test_recompute_and_reuse_differ_only_in_the_scorer():
         model = tiny_model(warmup_epochs=0, score_residual=mode)
         tiny_trainer(1).fit(model, tiny_datamodule())
         results[mode] = model
-    for (name, a), b in zip(results["recompute"].backbone.state_dict().items(), results["reuse"].backbone.state_dict().values()):
+    for (name, a), b in zip(
+        results["recompute"].backbone.state_dict().items(), results["reuse"].backbone.state_dict().values()
+    ):
         torch.testing.assert_close(a, b, msg=name)
     assert changed(snapshot(results["recompute"].scorer), results["reuse"].scorer)
 
@@ -207,9 +213,13 @@ def test_export_backbone_is_the_bare_network():
 
 @pytest.mark.parametrize(
     ("kwargs", "setting"),
-    [({"alpha": -1}, "alpha"), ({"lr": 0}, "lr"), ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
-     ({"score_residual": "later"}, "score_residual")],
-)  # fmt: skip
+    [
+        ({"alpha": -1}, "alpha"),
+        ({"lr": 0}, "lr"),
+        ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
+        ({"score_residual": "later"}, "score_residual"),
+    ],
+)
 def test_invalid_settings_name_the_setting(kwargs, setting):
     with pytest.raises(ConfigError, match=f"Setting '{setting}'"):
         tiny_model(**kwargs)
@@ -219,3 +229,13 @@ def test_bad_batch_is_explained():
     model = tiny_model()
     with pytest.raises(KeyError, match="'source' and 'target'"):
         model.validation_step((torch.zeros(1), torch.zeros(1)), 0)
+
+
+def test_three_dimensional_training_through_all_phases():
+    model = AdaCS(tiny_backbone(spatial_dims=3), warmup_epochs=1, lr=1e-3)
+    assert model.scorer.spatial_dims == 3
+    trainer = tiny_trainer(3)
+    trainer.fit(model, tiny_datamodule(spatial_dims=3, size=16, pairs=4, batch_size=2))
+    assert int(model.momentum.count) == 4
+    assert torch.isfinite(trainer.callback_metrics["train/loss_se"])
+    assert 0.0 <= float(trainer.callback_metrics["val/dice"]) <= 1.0

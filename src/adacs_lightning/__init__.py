@@ -9,6 +9,7 @@ Wrap any registration network in one line::
 """
 
 from .backbones import Backbone, as_backbone, voxelmorph
+from .checkpoint import load_backbone
 from .data import Nuisances, SyntheticDataModule
 from .errors import AdaCSError, ConfigError, NonFiniteLossError
 from .module import AdaCS
@@ -28,5 +29,6 @@ __all__ = [
     "ScoringNetwork",
     "SyntheticDataModule",
     "as_backbone",
+    "load_backbone",
     "voxelmorph",
 ]

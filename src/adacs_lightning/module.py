@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from .backbones import Backbone, RegistrationOutput, as_backbone
+from .checkpoint import BACKBONE_CONFIG_KEY
 from .errors import ConfigError, NonFiniteLossError
 from .losses import displacement_loss, masked_mean, scoring_loss, squared_residual
 from .metrics import dice_per_label, folding_percentage
@@ -128,6 +129,9 @@ class AdaCS(L.LightningModule):
         self.warp_labels = Warp(mode="nearest", padding_mode="border")
 
         self._cycle = _Cycle()
+        # The backbone's Hydra config, when the CLI built it: stored in checkpoints so that
+        # load_backbone() can rebuild the network from the checkpoint alone.
+        self.backbone_config: dict | None = None
         self.val_residual = MeanMetric()
         self.val_folding = MeanMetric()
         self.val_dice = MeanMetric(nan_strategy="ignore")
@@ -153,6 +157,10 @@ class AdaCS(L.LightningModule):
     def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
         """Displacement from the backbone alone (inference)."""
         return self.backbone(moving, fixed)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.backbone_config is not None:
+            checkpoint[BACKBONE_CONFIG_KEY] = self.backbone_config
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):
@@ -208,8 +216,7 @@ class AdaCS(L.LightningModule):
         scores = _split(score, len(directions))
 
         de_terms = [
-            displacement_loss(d.residual, d.output.ddf, s, self.hparams.lam, mask)
-            for d, s in zip(directions, scores)
+            displacement_loss(d.residual, d.output.ddf, s, self.hparams.lam, mask) for d, s in zip(directions, scores)
         ]
         loss_de = _mean(t[0] for t in de_terms)
         data = _mean(t[1] for t in de_terms)
@@ -224,8 +231,11 @@ class AdaCS(L.LightningModule):
             self.manual_backward(loss_de / cycle_len)
         self.log_dict(
             {"train/loss_de": loss_de, "train/data": data, "train/smooth_ddf": smooth_ddf},
-            on_step=True, on_epoch=True, batch_size=source.shape[0], prog_bar=False,
-        )  # fmt: skip
+            on_step=True,
+            on_epoch=True,
+            batch_size=source.shape[0],
+            prog_bar=False,
+        )
         self.log("train/phase", float(phase.index), on_step=True, on_epoch=False, batch_size=source.shape[0])
 
         if score is not None:
@@ -278,8 +288,10 @@ class AdaCS(L.LightningModule):
                 "train/mu": mu,
                 "train/m": m,
             },
-            on_step=True, on_epoch=True, batch_size=batch_size,
-        )  # fmt: skip
+            on_step=True,
+            on_epoch=True,
+            batch_size=batch_size,
+        )
 
     def _recomputed_residuals(self, pending: _PendingScoring) -> list[Tensor]:
         """Residuals of the pending micro-batch under the backbone as it is after its update."""
@@ -375,17 +387,24 @@ class AdaCS(L.LightningModule):
 
 
 def _check_settings(alpha, beta, lam, warmup_epochs, lr, scorer_lr, accumulate, score_residual) -> None:
-    """Reject values the method cannot use, naming the setting."""
+    """Reject values the method cannot use, naming the setting and a usable value."""
+    paper = {"alpha": 0.02, "beta": 1.5, "lam": 0.01, "warmup_epochs": 20, "lr": 1e-4, "scorer_lr": 1e-4}
     for name, value in (("alpha", alpha), ("beta", beta), ("lam", lam), ("warmup_epochs", warmup_epochs)):
         if value < 0:
-            raise ConfigError(name, f"must be non-negative, got {value}.")
+            raise ConfigError(name, f"must be non-negative, got {value}.", f"The paper uses {paper[name]}.")
     for name, value in (("lr", lr), ("scorer_lr", scorer_lr)):
         if value is not None and value <= 0:
-            raise ConfigError(name, f"must be positive, got {value}.")
+            raise ConfigError(name, f"must be positive, got {value}.", f"The paper uses {paper[name]}.")
     if accumulate < 1:
-        raise ConfigError("accumulate_grad_batches", f"must be at least 1, got {accumulate}.")
+        raise ConfigError(
+            "accumulate_grad_batches", f"must be at least 1, got {accumulate}.", "Use 1 for no accumulation."
+        )
     if score_residual not in ("recompute", "reuse"):
-        raise ConfigError("score_residual", f"must be 'recompute' or 'reuse', got {score_residual!r}.")
+        raise ConfigError(
+            "score_residual",
+            f"must be 'recompute' or 'reuse', got {score_residual!r}.",
+            "The reference is 'recompute'.",
+        )
 
 
 def _unpack(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:

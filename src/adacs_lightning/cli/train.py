@@ -76,6 +76,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build(cfg, "data")
     backbone = build(cfg, "backbone")
     model = build(cfg, "method", backbone=backbone)
+    model.backbone_config = OmegaConf.to_container(cfg.backbone, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
@@ -87,7 +88,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     summary = {
         "metrics": metrics,
         "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
-        "best_score": float(checkpoint.best_model_score) if getattr(checkpoint, "best_model_score", None) is not None else None,
+        "best_score": float(checkpoint.best_model_score)
+        if getattr(checkpoint, "best_model_score", None) is not None
+        else None,
         "last_checkpoint": getattr(checkpoint, "last_model_path", None) or None,
         "epochs": trainer.current_epoch,
     }
@@ -95,8 +98,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("Run folder: %s", output_dir)
         if summary["best_checkpoint"]:
-            log.info("Best checkpoint (%s = %.4f): %s", cfg.optimized_metric, summary["best_score"] or float("nan"),
-                     summary["best_checkpoint"])  # fmt: skip
+            log.info(
+                "Best checkpoint (%s = %.4f): %s",
+                cfg.optimized_metric,
+                summary["best_score"] or float("nan"),
+                summary["best_checkpoint"],
+            )
     return metrics
 
 

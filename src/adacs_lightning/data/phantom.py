@@ -72,8 +72,13 @@ class Nuisances:
     def __post_init__(self) -> None:
         if self.noise not in ("speckle", "rician", "none"):
             raise ValueError(f"noise must be 'speckle', 'rician' or 'none', got {self.noise!r}")
-        for name in ("shadow_prob", "dropout_prob", "extra_structure_prob", "shadow_attenuation",
-                     "dropout_attenuation"):  # fmt: skip
+        for name in (
+            "shadow_prob",
+            "dropout_prob",
+            "extra_structure_prob",
+            "shadow_attenuation",
+            "dropout_attenuation",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
@@ -152,8 +157,9 @@ def anatomy(shape: tuple[int, ...], gen: torch.Generator) -> tuple[Tensor, Tenso
     """
     ndim, size = len(shape), float(min(shape))
     coords = _grid(shape)
-    centre = torch.tensor([n * _uniform(gen, 0.52, 0.6) if i == 0 else n * _uniform(gen, 0.45, 0.55)
-                           for i, n in enumerate(shape)])  # fmt: skip
+    centre = torch.tensor(
+        [n * _uniform(gen, 0.52, 0.6) if i == 0 else n * _uniform(gen, 0.45, 0.55) for i, n in enumerate(shape)]
+    )
     cavity_radius = size * _uniform(gen, 0.14, 0.19)
     radii = torch.tensor([cavity_radius * _uniform(gen, 0.85, 1.15) for _ in range(ndim)])
     offset = (coords - centre.view(-1, *([1] * ndim))) / radii.view(-1, *([1] * ndim))
@@ -171,9 +177,7 @@ def anatomy(shape: tuple[int, ...], gen: torch.Generator) -> tuple[Tensor, Tenso
     return _blur(image, 1.0).clamp(0, 1), label, centre, torch.tensor(cavity_radius)
 
 
-def contraction_field(
-    shape: tuple[int, ...], centre: Tensor, cavity_radius: Tensor, gen: torch.Generator
-) -> Tensor:
+def contraction_field(shape: tuple[int, ...], centre: Tensor, cavity_radius: Tensor, gen: torch.Generator) -> Tensor:
     """ED→ES pull-back displacement ``(ndim, *shape)`` in voxels.
 
     A radial contraction ``k·d·exp(-|d|²/2R²)`` about the cavity centre (``R`` the cavity

@@ -22,9 +22,7 @@ class SyntheticPairs(Dataset):
     ``case_id`` and ``spacing`` (1 mm isotropic).
     """
 
-    def __init__(
-        self, split: str, count: int, spatial_size: Sequence[int], nuisance: Nuisances, seed: int = 0
-    ) -> None:
+    def __init__(self, split: str, count: int, spatial_size: Sequence[int], nuisance: Nuisances, seed: int = 0) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
         if count < 1:

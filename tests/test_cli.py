@@ -1,0 +1,137 @@
+"""adacs-train: config composition, both override forms, errors, and end-to-end runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from adacs_lightning import AdaCSError, load_backbone
+from adacs_lightning.cli.overrides import default_groups, normalise_overrides
+from adacs_lightning.cli.train import train
+
+ADACS_TRAIN = str(Path(sys.executable).parent / "adacs-train")
+
+
+def compose_config(overrides: list[str], output_dir: Path):
+    with initialize_config_module("adacs_lightning.conf", version_base="1.3"):
+        return compose("config", overrides=normalise_overrides(overrides) + [f"paths.output_dir={output_dir}"])
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([ADACS_TRAIN, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_every_group_is_in_the_defaults_list():
+    assert default_groups() == {"backbone", "data", "method", "trainer", "logger", "experiment", "debug"}
+
+
+def test_normalise_overrides_only_touches_group_choices():
+    groups = {"backbone", "data"}
+    assert normalise_overrides(["+backbone=localnet", "+data=synthetic"], groups) == [
+        "backbone=localnet",
+        "data=synthetic",
+    ]
+    untouched = ["+data.root=/x", "++seed=1", "+new_key=1", "backbone=voxelmorph", "~logger"]
+    assert normalise_overrides(untouched, groups) == untouched
+
+
+def test_both_override_forms_compose_the_same_config(tmp_path):
+    plus = compose_config(["+backbone=localnet", "+data=synthetic", "+method=baseline"], tmp_path)
+    plain = compose_config(["backbone=localnet", "data=synthetic", "method=baseline"], tmp_path)
+    assert OmegaConf.to_yaml(plus) == OmegaConf.to_yaml(plain)
+    assert plain.backbone.net._target_ == "monai.networks.nets.LocalNet"
+    assert plain.method.scoring is False
+
+
+def test_default_config_has_the_paper_settings_where_they_fit(tmp_path):
+    cfg = compose_config([], tmp_path)
+    assert cfg.method.alpha == 0.02 and cfg.method.beta == 1.5 and cfg.method.lam == 0.01 and cfg.method.gamma == 0.99
+    assert cfg.backbone.spatial_dims == cfg.data.spatial_dims == 2
+    paper = compose_config(["experiment=paper"], tmp_path)
+    assert paper.method.warmup_epochs == 20 and paper.method.lr == 1e-4 and paper.trainer.max_epochs == 300
+
+
+def test_train_in_process_writes_checkpoints_metrics_and_summary(tmp_path):
+    cfg = compose_config(["debug=tiny"], tmp_path)
+    metrics = train(cfg)
+    assert 0.0 <= metrics["val/dice"] <= 1.0 and "val/dice_identity" in metrics
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "checkpoints").glob("best-epoch*.ckpt"))
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    dice = [float(r["val/dice"]) for r in rows if r.get("val/dice")]
+    assert len(dice) == 3  # one per epoch
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best_checkpoint"].endswith(".ckpt") and summary["epochs"] == 3
+
+    # the checkpoint alone rebuilds the trained backbone, without the scorer
+    backbone = load_backbone(tmp_path / "checkpoints" / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    n_saved = sum(v.numel() for k, v in checkpoint["state_dict"].items() if k.startswith("backbone."))
+    assert sum(p.numel() for p in backbone.parameters()) == n_saved
+    assert any(k.startswith("scorer.") for k in checkpoint["state_dict"])
+    moving = torch.rand(1, 1, 32, 32)
+    assert backbone(moving, moving).shape == (1, 2, 32, 32)
+
+
+def test_load_backbone_errors(tmp_path):
+    with pytest.raises(AdaCSError, match="No checkpoint"):
+        load_backbone(tmp_path / "missing.ckpt")
+    (tmp_path / "bad.ckpt").write_text("not a checkpoint")
+    with pytest.raises(AdaCSError, match="could not be read"):
+        load_backbone(tmp_path / "bad.ckpt")
+
+
+@pytest.mark.slow
+def test_cli_bare_and_plus_forms_run(tmp_path):
+    result = run_cli("debug=tiny", f"hydra.run.dir={tmp_path / 'bare'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "bare" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "bare" / ".hydra" / "config.yaml").is_file()
+    result = run_cli(
+        "+backbone=localnet", "+data=synthetic", "debug=tiny", f"hydra.run.dir={tmp_path / 'plus'}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LocalNet" in (tmp_path / "plus" / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_cli_resume_from_last_checkpoint(tmp_path):
+    first = run_cli("debug=tiny", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    second = run_cli(
+        "debug=tiny", "trainer.max_epochs=3", f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Restoring states from the checkpoint" in second.stderr + second.stdout
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["epochs"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["backbone=nope"], ["Could not find 'backbone/nope'", "Available options in 'backbone'", "voxelmorph"]),
+        (["+data=nope"], ["Could not find 'data/nope'", "synthetic"]),
+        (["method.alpha=-1"], ["Setting 'method.alpha'", "non-negative"]),
+        (["+data.root=/no/such/folder"], ["Setting 'data.root'", "/no/such/folder", "does not exist"]),
+        (["ckpt_path=/no/such.ckpt"], ["Setting 'ckpt_path'", "no checkpoint file"]),
+        (["data.image_size=[32]"], ["Setting 'data'", "image_size"]),
+    ],
+)
+def test_cli_errors_name_the_setting(tmp_path, args, expected):
+    result = run_cli(*args, "debug=tiny", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode != 0
+    for text in expected:
+        assert text in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
