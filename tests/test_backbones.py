@@ -36,7 +36,7 @@ def pair(shape=(2, 1, 32, 32)):
 
 def test_plain_user_network_needs_no_adapter_settings():
     backbone = as_backbone(PairNet())
-    assert not backbone.concat_inputs and backbone.spatial_dims == 2 and backbone.in_channels == 2
+    assert not backbone.concat_inputs and backbone.spatial_dims == 2 and backbone.in_channels == 1
     moving, fixed = pair()
     assert backbone(moving, fixed).shape == (2, 2, 32, 32)
 

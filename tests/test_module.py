@@ -239,3 +239,20 @@ def test_three_dimensional_training_through_all_phases():
     assert int(model.momentum.count) == 4
     assert torch.isfinite(trainer.callback_metrics["train/loss_se"])
     assert 0.0 <= float(trainer.callback_metrics["val/dice"]) <= 1.0
+
+
+def test_channel_mismatch_is_explained():
+    model = tiny_model()
+    batch = {"source": torch.rand(2, 3, 32, 32), "target": torch.rand(2, 3, 32, 32)}
+    with pytest.raises(ValueError, match="pass in_channels=3"):
+        model.validation_step(batch, 0)
+
+
+def test_user_pair_network_trains_with_no_adapter_settings():
+    from .test_backbones import PairNet
+
+    model = AdaCS(PairNet(), warmup_epochs=1, lr=1e-3)
+    assert model.backbone.in_channels == 1
+    trainer = tiny_trainer(3)
+    trainer.fit(model, tiny_datamodule())
+    assert torch.isfinite(trainer.callback_metrics["train/loss_se"])

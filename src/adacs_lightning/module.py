@@ -198,8 +198,18 @@ class AdaCS(L.LightningModule):
             }
             rank_zero_info(f"Epoch {epoch}: {descriptions[phase]}.")
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def _images(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
         source, target, mask = _unpack(batch)
+        if source.shape[1] != self.backbone.in_channels:
+            raise ValueError(
+                f"The images have {source.shape[1]} channel(s), but the backbone and scorer were built for "
+                f"{self.backbone.in_channels}: pass in_channels={source.shape[1]} to AdaCS (or to the backbone's "
+                "config) to match the data."
+            )
+        return source, target, mask
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        source, target, mask = self._images(batch)
         phase = self.phase
         cycle_end, cycle_len = self._cycle_position(batch_idx)
         bidirectional = self.hparams.bidirectional
@@ -351,7 +361,7 @@ class AdaCS(L.LightningModule):
         return [int(v) for v in labels] if labels else None
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        source, target, mask = _unpack(batch)
+        source, target, mask = self._images(batch)
         ddf = self.backbone(source, target)
         warped = self.warp(source, ddf)
         residual = squared_residual(warped, target)

@@ -73,7 +73,8 @@ class Backbone(nn.Module):
             predicts a stationary velocity field to integrate.
         integration_steps: scaling-and-squaring steps for ``output="velocity"``.
         spatial_dims: 2 or 3; read from the network's first convolution when omitted.
-        in_channels: image channels; read from the first convolution when omitted (1 if unknown).
+        in_channels: image channels; read from the first convolution when omitted (half its
+            input channels when even, as for a concatenated pair; 1 if unknown).
 
     ``forward(moving, fixed)`` returns the displacement alone: this module is what a
     trained model exports for inference.
@@ -109,8 +110,11 @@ class Backbone(nn.Module):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if in_channels is None:
+            # Networks nearly always see the pair concatenated, inside or outside: an even first
+            # layer is read as 2·C channels. A network that encodes each image separately with
+            # C = 2, 4, … channels must say so with in_channels.
             first = geometry[1] if geometry is not None else 2
-            in_channels = max(first // 2, 1) if self.concat_inputs or geometry is None else first
+            in_channels = first // 2 if self.concat_inputs or first % 2 == 0 else first
         self.spatial_dims = int(spatial_dims)
         self.in_channels = int(in_channels)
 
