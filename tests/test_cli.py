@@ -32,7 +32,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_every_group_is_in_the_defaults_list():
-    assert default_groups() == {"backbone", "data", "method", "trainer", "logger", "experiment", "debug"}
+    assert default_groups() == {"backbone", "data", "method", "trainer", "logger", "experiment", "debug", "search"}
 
 
 def test_normalise_overrides_only_touches_group_choices():
@@ -83,6 +83,11 @@ def test_train_in_process_writes_checkpoints_metrics_and_summary(tmp_path):
     assert backbone(moving, moving).shape == (1, 2, 32, 32)
 
 
+def test_bf16_mixed_precision_trains_through_all_phases(tmp_path):
+    metrics = train(compose_config(["debug=tiny", "trainer.precision=bf16-mixed", "logger=none"], tmp_path))
+    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("train/loss_de", "train/loss_se", "val/dice"))
+
+
 def test_load_backbone_errors(tmp_path):
     with pytest.raises(AdaCSError, match="No checkpoint"):
         load_backbone(tmp_path / "missing.ckpt")
@@ -109,6 +114,7 @@ def test_cli_resume_from_last_checkpoint(tmp_path):
     first = run_cli("debug=tiny", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 1  # the last epoch, whether or not it was the best
     second = run_cli(
         "debug=tiny", "trainer.max_epochs=3", f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path
     )

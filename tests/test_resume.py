@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from adacs_lightning import NonFiniteLossError
 
 from .conftest import tiny_datamodule, tiny_model, tiny_trainer
 
 
+def checkpoints(folder):
+    """The checkpoint callbacks of conf/config.yaml: best by val/dice, and last.ckpt after every epoch."""
+    cfg = OmegaConf.load(resources.files("adacs_lightning.conf").joinpath("config.yaml"))
+    callbacks = []
+    for key in ("checkpoint", "last_checkpoint"):
+        settings = OmegaConf.to_container(cfg.callbacks[key])
+        settings.update(dirpath=str(folder), monitor="val/dice" if settings["monitor"] else None)
+        callbacks.append(instantiate(settings))
+    return callbacks
+
+
 def fit(max_epochs, ckpt_dir, ckpt_path=None, **model_kwargs):
     L.seed_everything(0, verbose=False)
     model = tiny_model(kappa="auto", **model_kwargs)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, monitor="val/dice", mode="max")
-    trainer = tiny_trainer(max_epochs, callbacks=[checkpoint], enable_checkpointing=True)
+    trainer = tiny_trainer(max_epochs, callbacks=checkpoints(ckpt_dir), enable_checkpointing=True)
     trainer.fit(model, tiny_datamodule(), ckpt_path=ckpt_path)
     return model, trainer
 
@@ -28,6 +41,7 @@ def test_resume_continues_exactly(tmp_path, split_epoch):
     fit(split_epoch, tmp_path / "split")
     checkpoint = torch.load(tmp_path / "split" / "last.ckpt", weights_only=False)
     assert len(checkpoint["optimizer_states"]) == 2
+    assert checkpoint["epoch"] == split_epoch - 1  # written after the last epoch, not the best one
     assert {"momentum.value", "momentum.count", "momentum.kappa"} <= set(checkpoint["state_dict"])
     resumed, trainer = fit(5, tmp_path / "split", ckpt_path=tmp_path / "split" / "last.ckpt")
     assert trainer.current_epoch == 5
@@ -52,8 +66,7 @@ class PoisonAtEpoch(L.Callback):
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
     L.seed_everything(0, verbose=False)
     model = tiny_model(warmup_epochs=2)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, monitor="val/dice", mode="max")
-    trainer = tiny_trainer(4, callbacks=[checkpoint, PoisonAtEpoch(1)], enable_checkpointing=True)
+    trainer = tiny_trainer(4, callbacks=[*checkpoints(tmp_path), PoisonAtEpoch(1)], enable_checkpointing=True)
     with pytest.raises(NonFiniteLossError) as error:
         trainer.fit(model, tiny_datamodule())
     message = str(error.value)

@@ -40,3 +40,19 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") ->
     backbone.load_state_dict(state)
     backbone.requires_grad_(False)
     return backbone.eval()
+
+
+def save_backbone(checkpoint_path: str | Path, output_path: str | Path) -> Path:
+    """Write the backbone part of an ``adacs-train`` checkpoint to ``output_path``.
+
+    The file keeps the backbone's weights and config only (no scorer, no optimiser
+    state) and is read back by :func:`load_backbone` like a checkpoint.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    backbone_only = {
+        "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")},
+        BACKBONE_CONFIG_KEY: checkpoint.get(BACKBONE_CONFIG_KEY),
+    }
+    output_path = Path(output_path)
+    torch.save(backbone_only, output_path)
+    return output_path

@@ -244,7 +244,7 @@ class AdaCS(L.LightningModule):
             on_step=True,
             on_epoch=True,
             batch_size=source.shape[0],
-            prog_bar=False,
+            sync_dist=True,
         )
         self.log("train/phase", float(phase.index), on_step=True, on_epoch=False, batch_size=source.shape[0])
 
@@ -301,6 +301,7 @@ class AdaCS(L.LightningModule):
             on_step=True,
             on_epoch=True,
             batch_size=batch_size,
+            sync_dist=True,
         )
 
     def _recomputed_residuals(self, pending: _PendingScoring) -> list[Tensor]:

@@ -20,9 +20,12 @@ import hydra
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from ..checkpoint import save_backbone
 from ..errors import AdaCSError, ConfigError
+from ..loggers import log_backbone_artifact
 from .overrides import normalise_overrides
 
 log = logging.getLogger("adacs_lightning")
@@ -80,31 +83,57 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: L.Trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    # Weights are initialised above with the shared seed (DDP also broadcasts rank 0's);
+    # from here on each rank draws its own random numbers.
+    L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        summary = _summarise(trainer, cfg, output_dir)
+    finally:
+        _finish_wandb(trainer)
+    return summary["metrics"]
 
+
+def _summarise(trainer: L.Trainer, cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
+    """Write ``summary.json`` and ``backbone.pt`` (the best backbone alone) on rank zero."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     checkpoint = trainer.checkpoint_callback
+    best_score = getattr(checkpoint, "best_model_score", None)
     summary = {
         "metrics": metrics,
         "best_checkpoint": getattr(checkpoint, "best_model_path", None) or None,
-        "best_score": float(checkpoint.best_model_score)
-        if getattr(checkpoint, "best_model_score", None) is not None
-        else None,
-        "last_checkpoint": getattr(checkpoint, "last_model_path", None) or None,
+        "best_score": float(best_score) if best_score is not None else None,
+        "last_checkpoint": str(last) if (last := output_dir / "checkpoints" / "last.ckpt").is_file() else None,
+        "backbone": None,
         "epochs": trainer.current_epoch,
     }
-    if trainer.is_global_zero:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("Run folder: %s", output_dir)
-        if summary["best_checkpoint"]:
-            log.info(
-                "Best checkpoint (%s = %.4f): %s",
-                cfg.optimized_metric,
-                summary["best_score"] or float("nan"),
-                summary["best_checkpoint"],
-            )
-    return metrics
+    if not trainer.is_global_zero:
+        return summary
+    source = summary["best_checkpoint"] or summary["last_checkpoint"]
+    if source:
+        summary["backbone"] = str(save_backbone(source, output_dir / "backbone.pt"))
+        log_backbone_artifact(trainer.loggers, summary["backbone"])
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("Run folder: %s", output_dir)
+    if summary["best_checkpoint"]:
+        log.info(
+            "Best checkpoint (%s = %.4f): %s",
+            cfg.optimized_metric,
+            summary["best_score"] or float("nan"),
+            summary["best_checkpoint"],
+        )
+    return summary
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """Close the W&B run even when training failed, so that a multirun's next job starts cleanly."""
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish(exit_code=0 if trainer.state.status.value == "finished" else 1)
 
 
 def _hydra_main(cfg: DictConfig) -> float | None:

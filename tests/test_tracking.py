@@ -1,0 +1,101 @@
+"""W&B logging (offline), sweep definitions expanded as an agent would, Hydra's Optuna search."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adacs_lightning.loggers import wandb_api_key_configured, wandb_logger
+from adacs_lightning.sweeps import command_line, load_sweep, parameter_sets
+
+from .wandb_records import read_run
+
+SWEEPS = sorted((Path(__file__).parents[1] / "conf" / "sweep").glob("*.yaml"))
+BIN = Path(sys.executable).parent
+
+
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+    env.pop("WANDB_API_KEY", None)
+    env.pop("WANDB_MODE", None)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_offline_unless_a_key_is_configured(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert not wandb_api_key_configured()
+    assert wandb_logger(save_dir=str(tmp_path))._offline
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    assert wandb_api_key_configured()
+    assert not wandb_logger(save_dir=str(tmp_path))._offline
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_logger(save_dir=str(tmp_path))._offline
+    assert not wandb_logger(save_dir=str(tmp_path), offline=False)._offline
+
+
+def test_sweep_files_are_wandb_sweeps_over_adacs_settings():
+    assert {p.stem for p in SWEEPS} == {"grid_alpha_beta", "bayes"}
+    for path in SWEEPS:
+        sweep = load_sweep(path)
+        assert sweep["metric"] == {"name": "val/dice", "goal": "maximize"}
+        assert "${args_no_hyphens}" in sweep["command"] and "adacs-train" in sweep["command"]
+        assert all(name.startswith("method.") for name in sweep["parameters"])
+    grid = load_sweep(SWEEPS[[p.stem for p in SWEEPS].index("grid_alpha_beta")])
+    assignments = list(parameter_sets(grid))
+    assert len(assignments) == 9 and assignments[0] == {"method.alpha": 0.01, "method.beta": 0.5}
+    assert command_line(grid, assignments[0])[-2:] == ["method.alpha=0.01", "method.beta=0.5"]
+
+
+def test_bayes_samples_stay_in_their_ranges():
+    bayes = load_sweep(SWEEPS[[p.stem for p in SWEEPS].index("bayes")])
+    for assignment in parameter_sets(bayes, count=50, seed=1):
+        for name, value in assignment.items():
+            spec = bayes["parameters"][name]
+            assert spec["min"] <= value <= spec["max"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep_path", SWEEPS, ids=lambda p: p.stem)
+def test_first_sweep_command_runs_offline_and_logs_config_scalars_images(tmp_path, sweep_path):
+    sweep = load_sweep(sweep_path)
+    assignment = next(parameter_sets(sweep, count=1))
+    command = command_line(sweep, assignment) + ["debug=tiny", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run(command, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    records = read_run(run_dir)
+    assert {"config", "history", "artifact"} <= records["kinds"]
+    assert {"method", "data", "backbone", "alpha", "kappa"} <= records["config"]
+    assert {"val/dice", "train/mu_step", "train/m_step", "train/loss_se_step"} <= records["history"]
+    assert "val/registration/_type" in records["history"]
+    assert list((run_dir / "files" / "media" / "images").rglob("*.png"))
+    hydra_config = yaml.safe_load((tmp_path / "run" / ".hydra" / "config.yaml").read_text())
+    for name, value in assignment.items():
+        group, key = name.split(".")
+        assert hydra_config[group][key] == pytest.approx(value)
+
+
+@pytest.mark.slow
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+    result = run(
+        [
+            str(BIN / "adacs-train"),
+            "search=optuna",
+            "hydra.sweeper.n_trials=2",
+            "debug=tiny",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert set(results["best_params"]) == {"method.alpha", "method.beta", "method.kappa", "method.lr"}
+    assert 0.0 <= results["best_value"] <= 1.0
+    assert (tmp_path / "sweep" / "1" / "summary.json").is_file()
