@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -14,6 +17,21 @@ from adacs_lightning import AdaCS, Nuisances, SyntheticDataModule, voxelmorph
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
+
+
+BIN = Path(sys.executable).parent
+
+
+def run_command(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run a console command as a user would: this environment's scripts on PATH, W&B offline."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+    env.pop("WANDB_API_KEY", None)
+    env.pop("WANDB_MODE", None)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def adacs_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_command([str(BIN / "adacs-train"), *args], cwd)
 
 
 def tiny_backbone(spatial_dims: int = 2):

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,17 +15,12 @@ from adacs_lightning import AdaCSError, load_backbone
 from adacs_lightning.cli.overrides import default_groups, normalise_overrides
 from adacs_lightning.cli.train import train
 
-ADACS_TRAIN = str(Path(sys.executable).parent / "adacs-train")
+from .conftest import adacs_train
 
 
 def compose_config(overrides: list[str], output_dir: Path):
     with initialize_config_module("adacs_lightning.conf", version_base="1.3"):
         return compose("config", overrides=normalise_overrides(overrides) + [f"paths.output_dir={output_dir}"])
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([ADACS_TRAIN, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_every_group_is_in_the_defaults_list():
@@ -98,11 +90,11 @@ def test_load_backbone_errors(tmp_path):
 
 @pytest.mark.slow
 def test_cli_bare_and_plus_forms_run(tmp_path):
-    result = run_cli("debug=tiny", f"hydra.run.dir={tmp_path / 'bare'}", cwd=tmp_path)
+    result = adacs_train("debug=tiny", f"hydra.run.dir={tmp_path / 'bare'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "bare" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "bare" / ".hydra" / "config.yaml").is_file()
-    result = run_cli(
+    result = adacs_train(
         "+backbone=localnet", "+data=synthetic", "debug=tiny", f"hydra.run.dir={tmp_path / 'plus'}", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -111,11 +103,11 @@ def test_cli_bare_and_plus_forms_run(tmp_path):
 
 @pytest.mark.slow
 def test_cli_resume_from_last_checkpoint(tmp_path):
-    first = run_cli("debug=tiny", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
+    first = adacs_train("debug=tiny", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["epoch"] == 1  # the last epoch, whether or not it was the best
-    second = run_cli(
+    second = adacs_train(
         "debug=tiny", "trainer.max_epochs=3", f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path
     )
     assert second.returncode == 0, second.stderr[-3000:]
@@ -136,7 +128,7 @@ def test_cli_resume_from_last_checkpoint(tmp_path):
     ],
 )
 def test_cli_errors_name_the_setting(tmp_path, args, expected):
-    result = run_cli(*args, "debug=tiny", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    result = adacs_train(*args, "debug=tiny", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
     assert result.returncode != 0
     for text in expected:
         assert text in result.stderr, result.stderr[-3000:]

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ADACS_TRAIN = str(Path(sys.executable).parent / "adacs-train")
+from .conftest import adacs_train
 
 
 def train(run_dir: Path, *args: str) -> dict:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [ADACS_TRAIN, "debug=tiny", "logger=csv", f"hydra.run.dir={run_dir}", *args],
-        cwd=run_dir.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = adacs_train("debug=tiny", "logger=csv", f"hydra.run.dir={run_dir}", *args, cwd=run_dir.parent)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((run_dir / "summary.json").read_text())
 

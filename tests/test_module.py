@@ -100,12 +100,44 @@ class GradientAudit(AdaCS):
         self.audit.append((self.phase, reached(self.backbone, before_f), reached(self.scorer, before_g)))
 
 
-@pytest.mark.parametrize("score_residual", ["recompute", "reuse"])
-def test_stop_gradients_in_the_joint_step(score_residual):
-    model = GradientAudit(tiny_backbone(), warmup_epochs=0, lr=1e-3, score_residual=score_residual)
+def test_stop_gradients_in_the_joint_step():
+    """With separate passes (score_residual="recompute"), L_de reaches only f_θ and L_se only g_φ."""
+    model = GradientAudit(tiny_backbone(), warmup_epochs=0, lr=1e-3, score_residual="recompute")
     tiny_trainer(1).fit(model, tiny_datamodule())
-    # per step: L_de reaches only the backbone, then L_se reaches only the scorer
     assert model.audit == [(Phase.JOINT, True, False), (Phase.JOINT, False, True)] * 2
+
+
+class SeparatePassCheck(AdaCS):
+    """Compares the gradients of each combined backward pass with separate passes of L_de and L_se."""
+
+    checked = 0
+
+    def training_step(self, batch, batch_idx):
+        self._batch = batch
+        return super().training_step(batch, batch_idx)
+
+    def manual_backward(self, loss, *args, **kwargs):
+        from adacs_lightning.losses import displacement_loss, scoring_loss
+
+        params_f, params_g = list(self.backbone.parameters()), list(self.scorer.parameters())
+        combined = torch.autograd.grad(loss, params_f + params_g, retain_graph=True, allow_unused=True)
+        source, target, mask = self._batch["source"], self._batch["target"], self._batch["mask"]
+        (forward, _), score = self.backbone.forward_train(source, target), self.scorer(target)
+        residual = self._directions(source, target, forward, None)[0].residual
+        loss_de = displacement_loss(residual, forward.ddf, score, self.hparams.lam, mask)[0]
+        loss_se = scoring_loss(score, residual, self.hparams.alpha, self.hparams.beta, self.momentum.value, mask)[0]
+        separate = torch.autograd.grad(loss_de, params_f) + torch.autograd.grad(loss_se, params_g)
+        for got, want in zip(combined, separate):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        type(self).checked += 1
+        super().manual_backward(loss, *args, **kwargs)
+
+
+def test_single_backward_pass_gives_each_network_only_its_own_gradient():
+    """score_residual="reuse" backpropagates L_de + L_se at once; the gradients equal separate passes."""
+    model = SeparatePassCheck(tiny_backbone(), warmup_epochs=0, lr=1e-3, score_residual="reuse")
+    tiny_trainer(1).fit(model, tiny_datamodule())
+    assert SeparatePassCheck.checked == 2  # one combined pass per step
 
 
 def test_warmup_b_never_reaches_the_backbone():
@@ -256,3 +288,24 @@ def test_user_pair_network_trains_with_no_adapter_settings():
     trainer = tiny_trainer(3)
     trainer.fit(model, tiny_datamodule())
     assert torch.isfinite(trainer.callback_metrics["train/loss_se"])
+
+
+@pytest.mark.parametrize("options", [{"channels_last": True}, {"compile": True}])
+def test_speed_options_train_the_same_model(options, monkeypatch):
+    """channels_last and torch.compile change speed, not the result (compile checked with the eager backend)."""
+    import functools
+
+    monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend="eager"))
+    results = []
+    for kwargs in ({}, options):
+        torch.manual_seed(0)
+        model = tiny_model(**kwargs)
+        tiny_trainer(3).fit(model, tiny_datamodule())
+        results.append(model)
+    plain, fast = results
+    for (name, a), b in zip(plain.state_dict().items(), fast.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=3e-4, msg=name)
+    assert set(plain.state_dict()) == set(fast.state_dict())
+    exported = fast.export_backbone()
+    moving = torch.rand(1, 1, 32, 32)
+    torch.testing.assert_close(exported(moving, moving), plain.export_backbone()(moving, moving), rtol=1e-3, atol=1e-4)

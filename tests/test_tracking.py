@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,17 +10,10 @@ import yaml
 from adacs_lightning.loggers import wandb_api_key_configured, wandb_logger
 from adacs_lightning.sweeps import command_line, load_sweep, parameter_sets
 
+from .conftest import adacs_train, run_command
 from .wandb_records import read_run
 
 SWEEPS = sorted((Path(__file__).parents[1] / "conf" / "sweep").glob("*.yaml"))
-BIN = Path(sys.executable).parent
-
-
-def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
-    env.pop("WANDB_API_KEY", None)
-    env.pop("WANDB_MODE", None)
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_offline_unless_a_key_is_configured(tmp_path, monkeypatch):
@@ -67,7 +57,7 @@ def test_first_sweep_command_runs_offline_and_logs_config_scalars_images(tmp_pat
     sweep = load_sweep(sweep_path)
     assignment = next(parameter_sets(sweep, count=1))
     command = command_line(sweep, assignment) + ["debug=tiny", f"hydra.run.dir={tmp_path / 'run'}"]
-    result = run(command, cwd=tmp_path)
+    result = run_command(command, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     records = read_run(run_dir)
@@ -84,16 +74,8 @@ def test_first_sweep_command_runs_offline_and_logs_config_scalars_images(tmp_pat
 
 @pytest.mark.slow
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
-    result = run(
-        [
-            str(BIN / "adacs-train"),
-            "search=optuna",
-            "hydra.sweeper.n_trials=2",
-            "debug=tiny",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cwd=tmp_path,
-    )
+    sweep_dir = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    result = adacs_train("search=optuna", "hydra.sweeper.n_trials=2", "debug=tiny", sweep_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert set(results["best_params"]) == {"method.alpha", "method.beta", "method.kappa", "method.lr"}

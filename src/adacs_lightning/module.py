@@ -89,6 +89,10 @@ class AdaCS(L.LightningModule):
         spatial_dims, in_channels: for a backbone from which they cannot be read.
         eval_labels: label values whose mean Dice is ``val/dice``; by default the datamodule's
             ``eval_labels``, else every non-zero label.
+        channels_last: keep both networks and the images in channels-last memory format
+            (faster convolutions on recent GPUs; numerics unchanged up to rounding).
+        compile: ``torch.compile`` backbone and scorer in place when training starts; state
+            dicts, checkpoints and the exported backbone are unaffected.
     """
 
     def __init__(
@@ -111,6 +115,8 @@ class AdaCS(L.LightningModule):
         spatial_dims: int | None = None,
         in_channels: int | None = None,
         eval_labels: Sequence[int] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         _check_settings(alpha, beta, lam, warmup_epochs, lr, scorer_lr, accumulate_grad_batches, score_residual)
@@ -162,6 +168,23 @@ class AdaCS(L.LightningModule):
         if self.backbone_config is not None:
             checkpoint[BACKBONE_CONFIG_KEY] = self.backbone_config
 
+    def configure_model(self) -> None:
+        """Memory format and compilation, once the module is on its device."""
+        networks = [net for net in (self.backbone, self.scorer) if net is not None]
+        if self.hparams.channels_last:
+            for net in networks:
+                net.to(memory_format=self._memory_format)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            for net in networks:
+                net.compile()
+            self._compiled = True
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        if not self.hparams.channels_last:
+            return torch.contiguous_format
+        return torch.channels_last if self.backbone.spatial_dims == 2 else torch.channels_last_3d
+
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):
         opt_backbone = torch.optim.Adam(self.backbone.parameters(), lr=self.hparams.lr)
@@ -206,103 +229,118 @@ class AdaCS(L.LightningModule):
                 f"{self.backbone.in_channels}: pass in_channels={source.shape[1]} to AdaCS (or to the backbone's "
                 "config) to match the data."
             )
+        if self.hparams.channels_last:
+            source, target = (t.contiguous(memory_format=self._memory_format) for t in (source, target))
         return source, target, mask
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         source, target, mask = self._images(batch)
         phase = self.phase
         cycle_end, cycle_len = self._cycle_position(batch_idx)
-        bidirectional = self.hparams.bidirectional
+        batch_size = source.shape[0]
+        updates_backbone = phase is not Phase.WARMUP_SCORER
 
-        if phase is Phase.WARMUP_SCORER:
-            forward, backward = self._frozen_backbone(source, target, bidirectional)
+        if updates_backbone:
+            forward, backward = self.backbone.forward_train(source, target, self.hparams.bidirectional)
         else:
-            forward, backward = self.backbone.forward_train(source, target, bidirectional)
+            forward, backward = self._frozen_backbone(source, target, self.hparams.bidirectional)
         directions = self._directions(source, target, forward, backward)
-
-        score = None
+        pending = None
         if phase is not Phase.WARMUP_BACKBONE:
+            # One scorer call per step: its detached output weights L_de, its graph serves L_se.
             score = self.scorer(torch.cat([d.fixed for d in directions], dim=0))
-        scores = _split(score, len(directions))
-
-        de_terms = [
-            displacement_loss(d.residual, d.output.ddf, s, self.hparams.lam, mask) for d, s in zip(directions, scores)
-        ]
-        loss_de = _mean(t[0] for t in de_terms)
-        data = _mean(t[1] for t in de_terms)
-        smooth_ddf = _mean(t[2] for t in de_terms)
-        extras = [d.output.extra_loss for d in directions if d.output.extra_loss is not None]
-        if extras and phase is not Phase.WARMUP_SCORER:
-            loss_de = loss_de + _mean(extras)
-
+            pending = _PendingScoring(
+                score=score,
+                residuals=[d.residual.detach() for d in directions],
+                pairs=[(d.moving, d.fixed) for d in directions],
+                mask=mask,
+            )
+        loss_de, data = self._displacement_loss(directions, pending, mask, updates_backbone, batch_size)
         opt_backbone, opt_scorer = self._optimisers()
-        if phase is not Phase.WARMUP_SCORER:
+
+        single_pass = pending is not None and cycle_len == 1
+        single_pass &= phase is Phase.WARMUP_SCORER or self.hparams.score_residual == "reuse"
+        if single_pass:
+            # L_de reaches only f_θ and L_se only g_φ (the stop-gradients make the graphs
+            # disjoint), so one backward pass of their sum gives both networks their gradients.
+            m = self._update_momentum([data.detach()])
+            loss_se = self._scoring_loss(pending, m, batch_size, recompute=False)
+            terms = {"L_de": loss_de, "L_se": loss_se} if updates_backbone else {"L_se": loss_se}
+            self._check_finite(batch_idx, phase, terms)
+            self.manual_backward(loss_se + loss_de if updates_backbone else loss_se)
+            if updates_backbone:
+                _step(opt_backbone)
+            _step(opt_scorer)
+            return
+
+        if updates_backbone:
             self._check_finite(batch_idx, phase, {"L_de": loss_de, "displacement data term": data})
             self.manual_backward(loss_de / cycle_len)
-        self.log_dict(
-            {"train/loss_de": loss_de, "train/data": data, "train/smooth_ddf": smooth_ddf},
-            on_step=True,
-            on_epoch=True,
-            batch_size=source.shape[0],
-            sync_dist=True,
-        )
-        self.log("train/phase", float(phase.index), on_step=True, on_epoch=False, batch_size=source.shape[0])
-
-        if score is not None:
+        if pending is not None:
             self._cycle.mu.append(data.detach())
-            self._cycle.pending.append(
-                _PendingScoring(
-                    score=score,
-                    residuals=[d.residual.detach() for d in directions],
-                    pairs=[(d.moving, d.fixed) for d in directions],
-                    mask=mask,
-                )
-            )
-
+            self._cycle.pending.append(pending)
         if not cycle_end:
             return
-        if phase is not Phase.WARMUP_SCORER:
-            opt_backbone.step()
-            opt_backbone.zero_grad(set_to_none=True)
-        if score is not None:
-            self._scorer_update(batch_idx, phase, opt_scorer, cycle_len, source.shape[0])
+        if updates_backbone:
+            _step(opt_backbone)
+        if pending is not None:
+            # The scorer's update waits for the cycle's end: m_T needs the whole cycle's μ_T,
+            # and "recompute" needs the backbone as it is after its step.
+            m = self._update_momentum(self._cycle.mu)
+            recompute = phase is Phase.JOINT and self.hparams.score_residual == "recompute"
+            for queued in self._cycle.pending:
+                loss_se = self._scoring_loss(queued, m, batch_size, recompute)
+                self._check_finite(batch_idx, phase, {"L_se": loss_se})
+                self.manual_backward(loss_se / cycle_len)
+            _step(opt_scorer)
         self._cycle = _Cycle()
 
-    def _scorer_update(self, batch_idx: int, phase: Phase, opt_scorer, cycle_len: int, batch_size: int) -> None:
-        """Update ``m_T`` with this cycle's ``μ_T`` and take the scorer's optimiser step on ``L_se``."""
-        mu = torch.stack(self._cycle.mu).mean()
-        mu = self.trainer.strategy.reduce(mu, reduce_op="mean")
+    def _displacement_loss(
+        self,
+        directions: list[_Direction],
+        pending: _PendingScoring | None,
+        mask: Tensor | None,
+        with_extra_loss: bool,
+        batch_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        """``L_de`` averaged over directions, and its data term (``μ`` of this micro-batch); logged."""
+        scores = _split(None if pending is None else pending.score, len(directions))
+        terms = [
+            displacement_loss(d.residual, d.output.ddf, s, self.hparams.lam, mask) for d, s in zip(directions, scores)
+        ]
+        loss_de, data, smooth = (_mean(t[i] for t in terms) for i in range(3))
+        extras = [d.output.extra_loss for d in directions if d.output.extra_loss is not None]
+        if extras and with_extra_loss:
+            loss_de = loss_de + _mean(extras)
+        logs = {"train/loss_de": loss_de, "train/data": data, "train/smooth_ddf": smooth}
+        self.log_dict(logs, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        self.log("train/phase", float(self.phase.index), on_step=True, on_epoch=False, batch_size=batch_size)
+        return loss_de, data
+
+    def _update_momentum(self, mus: list[Tensor]) -> Tensor:
+        """Fold this step's ``μ_T`` (mean over micro-batches and data-parallel ranks) into ``m_T``."""
+        mu = self.trainer.strategy.reduce(torch.stack(mus).mean(), reduce_op="mean")
         m = self.momentum.update(mu)
-        recompute = phase is Phase.JOINT and self.hparams.score_residual == "recompute"
-        for pending in self._cycle.pending:
-            residuals = pending.residuals
-            if recompute:
-                residuals = self._recomputed_residuals(pending)
-            scores = _split(pending.score, len(residuals))
-            se_terms = [
-                scoring_loss(s, r, self.hparams.alpha, self.hparams.beta, m, pending.mask)
-                for s, r in zip(scores, residuals)
-            ]
-            loss_se = _mean(t[0] for t in se_terms)
-            self._check_finite(batch_idx, phase, {"L_se": loss_se})
-            self.manual_backward(loss_se / cycle_len)
-        opt_scorer.step()
-        opt_scorer.zero_grad(set_to_none=True)
-        self.log_dict(
-            {
-                "train/loss_se": loss_se,
-                "train/ucs": _mean(t[1] for t in se_terms),
-                "train/reg": _mean(t[2] for t in se_terms),
-                "train/smooth_score": _mean(t[3] for t in se_terms),
-                "train/score_mean": pending.score.detach().mean(),
-                "train/mu": mu,
-                "train/m": m,
-            },
-            on_step=True,
-            on_epoch=True,
-            batch_size=batch_size,
-            sync_dist=True,
-        )
+        self.log_dict({"train/mu": mu, "train/m": m}, on_step=True, on_epoch=True, batch_size=1, sync_dist=True)
+        return m
+
+    def _scoring_loss(self, queued: _PendingScoring, m: Tensor, batch_size: int, recompute: bool) -> Tensor:
+        """``L_se`` of one micro-batch, averaged over directions; logged."""
+        residuals = self._recomputed_residuals(queued) if recompute else queued.residuals
+        scores = _split(queued.score, len(residuals))
+        terms = [
+            scoring_loss(s, r, self.hparams.alpha, self.hparams.beta, m, queued.mask) for s, r in zip(scores, residuals)
+        ]
+        loss_se, ucs, reg, smooth = (_mean(t[i] for t in terms) for i in range(4))
+        logs = {
+            "train/loss_se": loss_se,
+            "train/ucs": ucs,
+            "train/reg": reg,
+            "train/smooth_score": smooth,
+            "train/score_mean": queued.score.detach().mean(),
+        }
+        self.log_dict(logs, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        return loss_se
 
     def _recomputed_residuals(self, pending: _PendingScoring) -> list[Tensor]:
         """Residuals of the pending micro-batch under the backbone as it is after its update."""
@@ -430,6 +468,11 @@ def _unpack(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
     if source.shape != target.shape:
         raise ValueError(f"source {tuple(source.shape)} and target {tuple(target.shape)} differ in shape")
     return source, target, batch.get("mask")
+
+
+def _step(optimiser) -> None:
+    optimiser.step()
+    optimiser.zero_grad(set_to_none=True)
 
 
 def _split(score: Tensor | None, parts: int) -> list[Tensor | None]:
