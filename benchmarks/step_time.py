@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -155,11 +154,17 @@ def measure_memory(variant_index: int, args) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def _resident_mib() -> float:
-    """Current resident set size of this process (Linux)."""
-    with open("/proc/self/statm") as handle:
-        pages = int(handle.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def _memory_status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (Linux) in MiB: VmRSS now, VmHWM the peak.
+
+    VmHWM belongs to this process image alone, unlike ``getrusage``'s ``ru_maxrss``,
+    which also keeps the resident size of the parent that forked it.
+    """
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def memory_child(args) -> None:
@@ -172,12 +177,12 @@ def memory_child(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
     else:
-        start = _resident_mib()
+        start = _memory_status_mib("VmRSS")
     run_steps(model, loader, args, args.steps)
     if args.device == "cuda":
         print((torch.cuda.max_memory_allocated() - start) / 2**20)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start)
+        print(_memory_status_mib("VmHWM") - start)
 
 
 def time_inference(args, loader: DataLoader) -> tuple[float, float]:

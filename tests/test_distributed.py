@@ -18,7 +18,8 @@ def train(run_dir: Path, *args: str) -> dict:
 
 
 @pytest.mark.slow
-def test_ddp_cpu_equals_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("score_residual", ["reuse", "recompute"])
+def test_ddp_cpu_equals_one_process_with_the_same_global_batch(tmp_path, score_residual):
     """2 ranks × 2 pairs = 1 process × 4 pairs, through warm-up A, warm-up B and the joint phase.
 
     The ranks' samplers split the same seeded permutation, DDP averages the gradients of the
@@ -27,8 +28,9 @@ def test_ddp_cpu_equals_one_process_with_the_same_global_batch(tmp_path):
     rounding; Adam turns a sign flip of a near-zero gradient into a ±lr step, so weights are
     compared to a fraction of lr (1e-3) while m_T and the metrics agree closely.
     """
-    ddp = train(tmp_path / "ddp", "trainer=ddp_cpu", "data.batch_size=2")
-    single = train(tmp_path / "single", "trainer=cpu", "data.batch_size=4")
+    setting = f"method.score_residual={score_residual}"  # one backward pass per step, or two
+    ddp = train(tmp_path / "ddp", "trainer=ddp_cpu", "data.batch_size=2", setting)
+    single = train(tmp_path / "single", "trainer=cpu", "data.batch_size=4", setting)
     assert ddp["epochs"] == single["epochs"] == 3
     for key in ("val/dice", "val/residual", "train/mu", "train/m"):
         assert ddp["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), key

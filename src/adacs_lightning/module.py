@@ -84,8 +84,9 @@ class AdaCS(L.LightningModule):
         bidirectional: also register target → source; the backward direction is scored by
             ``g_φ(source)`` and the two directions are averaged.
         score_residual: which displacement the scorer's residual uses in the joint phase:
-            ``"recompute"`` re-runs the backbone after its update (the reference), ``"reuse"``
-            reuses the displacement from before the update (cheaper, one backbone call).
+            ``"reuse"`` (default) the one from before the backbone's update, so one backward
+            pass serves both networks; ``"recompute"`` re-runs the backbone after its update,
+            as the reference code does (one more backbone forward per step).
         spatial_dims, in_channels: for a backbone from which they cannot be read.
         eval_labels: label values whose mean Dice is ``val/dice``; by default the datamodule's
             ``eval_labels``, else every non-zero label.
@@ -111,7 +112,7 @@ class AdaCS(L.LightningModule):
         scorer_lr: float | None = None,
         accumulate_grad_batches: int = 1,
         bidirectional: bool = False,
-        score_residual: Literal["recompute", "reuse"] = "recompute",
+        score_residual: Literal["recompute", "reuse"] = "reuse",
         spatial_dims: int | None = None,
         in_channels: int | None = None,
         eval_labels: Sequence[int] | None = None,
