@@ -94,6 +94,7 @@ def test_cli_bare_and_plus_forms_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "bare" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "bare" / ".hydra" / "config.yaml").is_file()
+    assert "Epoch 2: joint phase" in result.stderr + result.stdout
     result = adacs_train(
         "+backbone=localnet", "+data=synthetic", "debug=tiny", f"hydra.run.dir={tmp_path / 'plus'}", cwd=tmp_path
     )

@@ -1,4 +1,4 @@
-"""Callbacks that show what a run does: registration panels of validation pairs."""
+"""Callbacks that show what a run does: a progress bar with the schedule phase, registration panels."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
@@ -95,3 +96,15 @@ class RegistrationImages(L.Callback):
                 logger.log_image(key="val/registration", images=[image], caption=[caption])
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/registration", image, trainer.global_step, dataformats="HW")
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, showing the schedule phase instead of the logger's version."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        phase = getattr(pl_module, "phase", None)
+        if phase is not None and getattr(pl_module, "scorer", None) is not None:
+            items["phase"] = phase.value
+        return items
