@@ -134,3 +134,12 @@ def test_cli_errors_name_the_setting(tmp_path, args, expected):
     for text in expected:
         assert text in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_multirun_survives_a_failed_job(tmp_path):
+    result = adacs_train("-m", "method.alpha=-1,0.02", "debug=tiny", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Setting 'method.alpha'" in result.stderr
+    assert not (tmp_path / "0" / "summary.json").exists()
+    assert (tmp_path / "1" / "summary.json").is_file()

@@ -11,7 +11,7 @@ import torch
 from adacs_lightning import AdaCS, ConfigError
 from adacs_lightning.schedule import Phase
 
-from .conftest import tiny_backbone, tiny_datamodule, tiny_model, tiny_trainer
+from .conftest import assert_same_training, tiny_backbone, tiny_datamodule, tiny_model, tiny_trainer
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -147,13 +147,13 @@ def test_warmup_b_never_reaches_the_backbone():
     assert [row for row in model.audit if row[0] is Phase.WARMUP_BACKBONE] == [(Phase.WARMUP_BACKBONE, True, False)] * 2
 
 
-def test_recompute_and_reuse_differ_only_in_the_scorer():
-    """Same backbone trajectory; the scorer sees post- vs pre-update residuals."""
+def test_recompute_and_reuse_differ_only_in_the_scorer_step():
+    """After one joint step the backbones agree; the scorers saw post- vs pre-update residuals."""
     results = {}
     for mode in ("recompute", "reuse"):
         torch.manual_seed(0)
         model = tiny_model(warmup_epochs=0, score_residual=mode)
-        tiny_trainer(1).fit(model, tiny_datamodule())
+        tiny_trainer(1, limit_train_batches=1).fit(model, tiny_datamodule())
         results[mode] = model
     for (name, a), b in zip(
         results["recompute"].backbone.state_dict().items(), results["reuse"].backbone.state_dict().values()
@@ -174,8 +174,7 @@ def test_gradient_accumulation_matches_the_larger_batch():
     # FOV masks have the same size in every pair, so masked means over 8 = mean of two means over 4.
     # Adam's first steps are ±lr wherever a gradient is near 0, which turns float rounding of
     # the summation order into differences of up to ~1e-4 here (lr 1e-3): hence the tolerance.
-    for (name, a), b in zip(models[1].state_dict().items(), models[2].state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=3e-4, msg=name)
+    assert_same_training(models[1].state_dict(), models[2].state_dict())
 
 
 def test_mask_hides_residuals_outside_the_field_of_view():
@@ -208,11 +207,19 @@ def test_mask_hides_residuals_outside_the_field_of_view():
 
 
 def test_bidirectional_training_runs_all_phases_and_scores_both_images():
-    calls = []
+    inputs, batches = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            batches.append(batch)
+
     model = tiny_model(bidirectional=True)
-    model.scorer.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
-    tiny_trainer(3).fit(model, tiny_datamodule())
-    assert calls and set(calls) == {8}  # 4 targets + 4 sources per step
+    model.scorer.register_forward_hook(lambda m, inp, out: inputs.append(inp[0].detach()) if m.training else None)
+    tiny_trainer(3, callbacks=[Record()]).fit(model, tiny_datamodule())
+    scored = inputs[-1]  # the last training step: g(target) for the forward, g(source) for the backward direction
+    assert scored.shape[0] == 8
+    torch.testing.assert_close(scored[:4], batches[-1]["target"])
+    torch.testing.assert_close(scored[4:], batches[-1]["source"])
     assert torch.isfinite(torch.tensor(float(model.trainer.callback_metrics["train/loss_se"])))
 
 
@@ -290,6 +297,25 @@ def test_user_pair_network_trains_with_no_adapter_settings():
     assert torch.isfinite(trainer.callback_metrics["train/loss_se"])
 
 
+def test_compile_covers_the_training_path(monkeypatch):
+    """Compiling reaches the calls a training step makes (forward_train), not only __call__."""
+    import functools
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend=counting_backend)
+    )
+    torch._dynamo.reset()
+    model = tiny_model(compile=True, warmup_epochs=5)  # warm-up A only: the backbone alone trains
+    tiny_trainer(1, limit_val_batches=0).fit(model, tiny_datamodule())
+    assert graphs, "no graph was compiled while training the backbone"
+
+
 @pytest.mark.parametrize("options", [{"channels_last": True}, {"compile": True}])
 def test_speed_options_train_the_same_model(options, monkeypatch):
     """channels_last and torch.compile change speed, not the result (compile checked with the eager backend)."""
@@ -303,9 +329,7 @@ def test_speed_options_train_the_same_model(options, monkeypatch):
         tiny_trainer(3).fit(model, tiny_datamodule())
         results.append(model)
     plain, fast = results
-    for (name, a), b in zip(plain.state_dict().items(), fast.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=3e-4, msg=name)
-    assert set(plain.state_dict()) == set(fast.state_dict())
+    assert_same_training(plain.state_dict(), fast.state_dict())
+    moving, fixed = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     exported = fast.export_backbone()
-    moving = torch.rand(1, 1, 32, 32)
-    torch.testing.assert_close(exported(moving, moving), plain.export_backbone()(moving, moving), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(exported(moving, fixed), plain.export_backbone()(moving, fixed), rtol=1e-3, atol=1e-4)

@@ -77,3 +77,15 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
     # the weights in memory were never stepped with the bad loss either
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_non_finite_loss_in_the_joint_phase_leaves_the_momentum_untouched(tmp_path):
+    """The check runs before m_T is updated: a NaN batch cannot poison the momentum buffers."""
+    L.seed_everything(0, verbose=False)
+    model = tiny_model(warmup_epochs=1)
+    trainer = tiny_trainer(4, callbacks=[PoisonAtEpoch(2)])
+    with pytest.raises(NonFiniteLossError, match="joint"):
+        trainer.fit(model, tiny_datamodule())
+    assert int(model.momentum.count) == 2  # the two warm-up B steps, nothing from the bad step
+    assert all(torch.isfinite(b).all() for b in model.momentum.buffers())
+    assert all(torch.isfinite(p).all() for p in model.parameters())

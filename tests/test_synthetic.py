@@ -48,10 +48,8 @@ def test_batch_dict_contract(spatial_dims):
     assert float((batch["source"] * (1 - batch["mask"])).abs().max()) == 0.0
 
 
-def test_labels_follow_the_true_deformation(clean_nuisance):
+def test_the_true_deformation_explains_the_clean_target(clean_nuisance):
     pair = make_pair((64, 64), clean_nuisance, torch.Generator().manual_seed(3))
-    warped = Warp("nearest", "border")(pair.source_label[None].float(), pair.ddf[None])[0].long()
-    assert torch.equal(warped, pair.target_label)
     # without nuisances the target is the warped source: the true field explains it
     image = Warp("bilinear", "border")(pair.source[None], pair.ddf[None])[0]
     assert (image - pair.target).abs().mean() < 0.01
@@ -67,15 +65,30 @@ def test_systole_shrinks_the_cavity_and_keeps_the_myocardium(clean_nuisance):
         assert 0.7 < es_myo / ed_myo < 1.3
 
 
-def test_nuisances_break_correspondence_only_in_the_target():
+def test_target_only_nuisances_break_correspondence_in_the_target():
     """With shadow and drop-out certain, the target loses signal that the warped source still has."""
-    base = dict(noise="none", drift=0.0, extra_structure_prob=0.0, fov=True)
+    base = dict(noise="none", drift=0.0, extra_structure_prob=0.0, fov=True, shadow_frames="target")
     clean = make_pair((64, 64), Nuisances(shadow_prob=0.0, dropout_prob=0.0, **base), torch.Generator().manual_seed(5))
     lossy = make_pair((64, 64), Nuisances(shadow_prob=1.0, dropout_prob=1.0, **base), torch.Generator().manual_seed(5))
     assert torch.equal(clean.source, lossy.source)
     assert torch.equal(clean.target_label, lossy.target_label)
     lost = clean.target - lossy.target
     assert float(lost.min()) >= -1e-6 and float(lost.sum()) > 1.0
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 32, 32)])
+def test_probe_fixed_shadow_darkens_both_frames_at_the_same_place(shape):
+    base = dict(noise="none", drift=0.0, dropout_prob=0.0, extra_structure_prob=0.0, fov=False)
+    clean = make_pair(shape, Nuisances(shadow_prob=0.0, **base), torch.Generator().manual_seed(2))
+    shadowed = make_pair(
+        shape, Nuisances(shadow_prob=1.0, shadow_frames="both", **base), torch.Generator().manual_seed(2)
+    )
+    source_factor = shadowed.source / clean.source.clamp_min(1e-3)
+    target_factor = shadowed.target / clean.target.clamp_min(1e-3)
+    dark = (source_factor < 0.5) & (clean.source > 0.05) & (clean.target > 0.05)
+    assert dark.sum() > 20  # a real shadow, a cone distal to the occluder
+    assert torch.allclose(source_factor[dark], target_factor[dark], atol=1e-3)  # the same place and strength
+    assert float(source_factor.max()) <= 1.0 + 1e-4  # a shadow only removes signal
 
 
 def test_speckle_is_multiplicative_with_unit_mean():
@@ -92,7 +105,14 @@ def test_speckle_is_multiplicative_with_unit_mean():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"noise": "gaussian"}, {"shadow_prob": 1.5}, {"drift": -1.0}, {"sector_angle_deg": 0.0}]
+    "kwargs",
+    [
+        {"noise": "gaussian"},
+        {"shadow_prob": 1.5},
+        {"drift": -1.0},
+        {"sector_angle_deg": 0.0},
+        {"shadow_frames": "source"},
+    ],
 )
 def test_invalid_nuisance_settings(kwargs):
     with pytest.raises(ValueError):

@@ -128,7 +128,9 @@ class AdaCS(L.LightningModule):
         self.backbone: Backbone = as_backbone(backbone, **adapter_kwargs)
         self.scorer: nn.Module | None = None
         if scoring:
-            self.scorer = scorer or ScoringNetwork(self.backbone.spatial_dims, self.backbone.in_channels)
+            self.scorer = (
+                scorer if scorer is not None else ScoringNetwork(self.backbone.spatial_dims, self.backbone.in_channels)
+            )
         elif scorer is not None:
             raise ValueError("scoring=False trains the plain backbone: do not pass a scorer")
         self.momentum = MomentumWeight(gamma=gamma, kappa=kappa)
@@ -136,6 +138,7 @@ class AdaCS(L.LightningModule):
         self.warp_labels = Warp(mode="nearest", padding_mode="border")
 
         self._cycle = _Cycle()
+        self._eval_labels: list[int] | None = None
         # The backbone's Hydra config, when the CLI built it: stored in checkpoints so that
         # load_backbone() can rebuild the network from the checkpoint alone.
         self.backbone_config: dict | None = None
@@ -176,7 +179,8 @@ class AdaCS(L.LightningModule):
             for net in networks:
                 net.to(memory_format=self._memory_format)
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            for net in networks:
+            # The adapter's own methods (forward_train) call its children, so compile those.
+            for net in [*self.backbone.children(), *([self.scorer] if self.scorer is not None else [])]:
                 net.compile()
             self._compiled = True
 
@@ -211,7 +215,11 @@ class AdaCS(L.LightningModule):
             )
 
     def on_train_epoch_start(self) -> None:
+        # A cycle never spans epochs; drop whatever an unfinished one left behind.
         self._cycle = _Cycle()
+        for optimiser in self._optimisers():
+            if optimiser is not None:
+                optimiser.zero_grad(set_to_none=True)
         epoch, warmup = self.current_epoch, self.hparams.warmup_epochs
         phase = self.phase
         if self.scorer is not None and (epoch in (0, warmup, 2 * warmup)):
@@ -259,23 +267,24 @@ class AdaCS(L.LightningModule):
         loss_de, data = self._displacement_loss(directions, pending, mask, updates_backbone, batch_size)
         opt_backbone, opt_scorer = self._optimisers()
 
-        single_pass = pending is not None and cycle_len == 1
+        single_pass = pending is not None and cycle_len == 1 and not self._uses_grad_scaler()
         single_pass &= phase is Phase.WARMUP_SCORER or self.hparams.score_residual == "reuse"
         if single_pass:
             # L_de reaches only f_θ and L_se only g_φ (the stop-gradients make the graphs
             # disjoint), so one backward pass of their sum gives both networks their gradients.
+            # (A gradient scaler, 16-bit precision, needs one backward pass per optimiser.)
+            self._check_finite(batch_idx, phase, {"L_de": loss_de, "displacement data term": data})
             m = self._update_momentum([data.detach()])
             loss_se = self._scoring_loss(pending, m, batch_size, recompute=False)
-            terms = {"L_de": loss_de, "L_se": loss_se} if updates_backbone else {"L_se": loss_se}
-            self._check_finite(batch_idx, phase, terms)
+            self._check_finite(batch_idx, phase, {"L_se": loss_se})
             self.manual_backward(loss_se + loss_de if updates_backbone else loss_se)
             if updates_backbone:
                 _step(opt_backbone)
             _step(opt_scorer)
             return
 
+        self._check_finite(batch_idx, phase, {"L_de": loss_de, "displacement data term": data})
         if updates_backbone:
-            self._check_finite(batch_idx, phase, {"L_de": loss_de, "displacement data term": data})
             self.manual_backward(loss_de / cycle_len)
         if pending is not None:
             self._cycle.mu.append(data.detach())
@@ -383,11 +392,17 @@ class AdaCS(L.LightningModule):
         return batch_idx + 1 == start + length, length
 
     def _check_finite(self, batch_idx: int, phase: Phase, terms: Mapping[str, Tensor]) -> None:
+        """Raise before any state changes if a term is NaN or infinite on any rank (all ranks raise)."""
         values = torch.stack([t.detach().float() for t in terms.values()])
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):
-            bad = [name for name, ok in zip(terms, finite.tolist()) if not ok]
-            raise NonFiniteLossError(batch_idx, self.current_epoch, phase.value, bad)
+        bad = (~torch.isfinite(values)).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bool(bad.any()):
+            names = [name for name, flag in zip(terms, bad.tolist()) if flag]
+            raise NonFiniteLossError(batch_idx, self.current_epoch, phase.value, names)
+
+    def _uses_grad_scaler(self) -> bool:
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
@@ -396,8 +411,9 @@ class AdaCS(L.LightningModule):
     def _resolve_eval_labels(self) -> list[int] | None:
         if self.hparams.eval_labels:
             return [int(v) for v in self.hparams.eval_labels]
+        # Datamodule settings are the same on every rank, unlike labels read from batches.
         datamodule = getattr(self.trainer, "datamodule", None)
-        labels = getattr(datamodule, "eval_labels", None)
+        labels = getattr(datamodule, "eval_labels", None) or sorted(getattr(datamodule, "label_names", None) or {})
         return [int(v) for v in labels] if labels else None
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -416,7 +432,8 @@ class AdaCS(L.LightningModule):
         if "source_label" in batch and "target_label" in batch:
             source_label, target_label = batch["source_label"], batch["target_label"]
             labels = self._eval_labels or _nonzero_labels(target_label)
-            warped_label = self.warp_labels(source_label.to(ddf.dtype), ddf).round().long()
+            # float32 whatever the precision: bf16 cannot hold label values above 256 exactly
+            warped_label = self.warp_labels(source_label.float(), ddf.float()).round().long()
             dice = dice_per_label(warped_label, target_label, labels)
             self.val_dice.update(dice.nanmean(dim=1))
             self.val_dice_identity.update(dice_per_label(source_label, target_label, labels).nanmean(dim=1))

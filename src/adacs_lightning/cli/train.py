@@ -18,7 +18,9 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -137,11 +139,18 @@ def _finish_wandb(trainer: L.Trainer) -> None:
 
 
 def _hydra_main(cfg: DictConfig) -> float | None:
-    """Train; returns the optimised metric for sweepers. User errors exit with status 2, no traceback."""
+    """Train; returns the optimised metric for sweepers.
+
+    A user error ends a single run with status 2 and no traceback; in a multirun it fails
+    that job alone (logged, NaN returned to the sweeper) so that the other jobs still run.
+    """
     try:
         metrics = train(cfg)
     except AdaCSError as error:
         print(f"\nadacs-train: {error}", file=sys.stderr)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error("Job failed: %s", error)
+            return float("nan")
         raise SystemExit(2) from None
     return metrics.get(cfg.get("optimized_metric"))
 

@@ -13,8 +13,9 @@ the labels. Each is modelled on how an echocardiogram is formed:
   magnitude, as in magnitude MRI;
 * intensity drift: a smooth multiplicative gain field and a global gain change between
   frames (time-gain compensation, probe contact);
-* acoustic shadow (target only): everything distal to an occluder (a rib, a
-  calcification) along a wedge of beams loses most of its signal;
+* acoustic shadow: everything distal to an occluder (a rib, a calcification) along a
+  cone of beams loses most of its signal; the occluder is fixed to the probe, so by
+  default the shadow darkens both frames at the same place while the heart moves;
 * drop-out (target only): a patch of the lateral wall, where the beam runs parallel to
   the endocardium, returns almost no echo;
 * a structure present in the target only (a papillary muscle or trabeculation moving
@@ -49,7 +50,10 @@ class Nuisances:
         noise: ``"speckle"`` (multiplicative Rayleigh, echo), ``"rician"`` (MRI) or ``"none"``.
         noise_level: speckle: fraction of the signal that is speckle-modulated; rician: noise std.
         drift: amplitude of the smooth multiplicative gain change between the two frames.
-        shadow_prob: probability that the target has an acoustic shadow.
+        shadow_prob: probability of an acoustic shadow.
+        shadow_frames: ``"both"``: the occluder (a rib) is fixed to the probe, so the same
+            shadow darkens both frames while the heart moves under it; ``"target"``: the
+            target alone is shadowed (a shadow from one acquisition only).
         shadow_attenuation: fraction of the signal lost inside the shadow.
         dropout_prob: probability that the target has a lateral-wall drop-out.
         dropout_attenuation: fraction of the signal lost at the drop-out's centre.
@@ -62,6 +66,7 @@ class Nuisances:
     noise_level: float = 0.5
     drift: float = 0.15
     shadow_prob: float = 0.5
+    shadow_frames: Literal["both", "target"] = "both"
     shadow_attenuation: float = 0.85
     dropout_prob: float = 0.5
     dropout_attenuation: float = 0.8
@@ -70,6 +75,8 @@ class Nuisances:
     sector_angle_deg: float = 80.0
 
     def __post_init__(self) -> None:
+        if self.shadow_frames not in ("both", "target"):
+            raise ValueError(f"shadow_frames must be 'both' or 'target', got {self.shadow_frames!r}")
         if self.noise not in ("speckle", "rician", "none"):
             raise ValueError(f"noise must be 'speckle', 'rician' or 'none', got {self.noise!r}")
         for name in (
@@ -194,16 +201,19 @@ def contraction_field(shape: tuple[int, ...], centre: Tensor, cavity_radius: Ten
     return field + random + translation
 
 
+def _apex(shape: tuple[int, ...]) -> Tensor:
+    """The probe apex, just above the top centre, as a ``(ndim, 1, …)`` column of voxel coordinates."""
+    apex = torch.tensor([-0.02 * shape[0]] + [(n - 1) / 2 for n in shape[1:]])
+    return apex.view(-1, *([1] * len(shape)))
+
+
 def sector_geometry(shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """Depth from the probe apex (top centre) and beam angle from the axis, per voxel ``(1, *shape)``."""
-    ndim = len(shape)
-    coords = _grid(shape)
-    apex = torch.tensor([-0.02 * shape[0]] + [(n - 1) / 2 for n in shape[1:]]).view(-1, *([1] * ndim))
-    rel = coords - apex
+    rel = _grid(shape) - _apex(shape)
     depth = rel.pow(2).sum(0, keepdim=True).sqrt()
     lateral = rel[1:].pow(2).sum(0, keepdim=True).sqrt()
     angle = torch.atan2(lateral, rel[:1])  # 0 along the central beam
-    if ndim == 2:
+    if len(shape) == 2:
         angle = angle * torch.sign(rel[1:2] + 1e-6)  # signed in 2D: left and right of the axis
     return depth, angle
 
@@ -228,21 +238,27 @@ def _drift(image: Tensor, level: float, gen: torch.Generator) -> Tensor:
     return image * gain.clamp_min(0.0)
 
 
-def _shadow(image: Tensor, depth: Tensor, angle: Tensor, nuisance: Nuisances, gen: torch.Generator) -> Tensor:
-    """Attenuate everything distal to an occluder within a wedge of beams (soft edges)."""
+def _shadow_factor(shape: tuple[int, ...], nuisance: Nuisances, gen: torch.Generator) -> Tensor:
+    """Transmission ``(1, *shape)`` behind an occluder: a cone of beams from the probe apex,
+    attenuated distal to the occluder's depth, with soft edges."""
+    ndim = len(shape)
     half_sector = math.radians(nuisance.sector_angle_deg) / 2
     width = math.radians(_uniform(gen, 6.0, 14.0))
-    if angle.min() < 0:  # 2D: a signed angle
-        centre = _uniform(gen, -half_sector + width, half_sector - width)
-        across = (angle - centre).abs()
-    else:  # 3D: a cone around a beam direction, approximated around the polar angle
-        centre = _uniform(gen, 0.0, half_sector - width)
-        across = (angle - centre).abs()
+    if ndim == 2:
+        polar = _uniform(gen, -half_sector + width, half_sector - width)
+        beam = torch.tensor([math.cos(polar), math.sin(polar)])
+    else:
+        polar, azimuth = _uniform(gen, 0.0, half_sector - width), _uniform(gen, -math.pi, math.pi)
+        beam = torch.tensor([math.cos(polar), math.sin(polar) * math.cos(azimuth), math.sin(polar) * math.sin(azimuth)])
+    rel = _grid(shape) - _apex(shape)
+    depth = rel.pow(2).sum(0, keepdim=True).sqrt()
+    cosine = (rel * beam.view(-1, *([1] * ndim))).sum(0, keepdim=True) / depth.clamp_min(1e-6)
+    across = torch.arccos(cosine.clamp(-1.0, 1.0))  # angle between a voxel's beam and the shadow's axis
     occluder = float(depth.max()) * _uniform(gen, 0.2, 0.45)
     edge = max(2.0, 0.02 * float(depth.max()))
     angular = torch.sigmoid((width - across) / (0.15 * width))
     distal = torch.sigmoid((depth - occluder) / edge)
-    return image * (1.0 - nuisance.shadow_attenuation * angular * distal)
+    return 1.0 - nuisance.shadow_attenuation * angular * distal
 
 
 def _dropout(image: Tensor, label: Tensor, gen: torch.Generator, attenuation: float) -> Tensor:
@@ -265,7 +281,7 @@ def _dropout(image: Tensor, label: Tensor, gen: torch.Generator, attenuation: fl
 
 
 def _extra_structure(image: Tensor, label: Tensor, gen: torch.Generator) -> Tensor:
-    """A small bright blob inside the blood pool, near the wall, present in this frame only."""
+    """A small bright blob inside the blood pool (a papillary muscle or trabeculation), in this frame only."""
     cavity = torch.nonzero(label[0] == BLOOD)
     if cavity.numel() == 0:
         return image
@@ -289,12 +305,13 @@ def make_pair(shape: tuple[int, ...], nuisance: Nuisances, gen: torch.Generator)
     es_label = warp_label(ed_label[None].float(), ddf[None])[0].round().long()
 
     frames = []
-    depth, angle = sector_geometry(shape)
+    shadow = None
     for is_target, (image, label) in enumerate(((ed_image, ed_label), (es_image, es_label))):
         image = _drift(image, nuisance.drift, gen) if nuisance.drift > 0 else image
         if is_target:
             if _uniform(gen, 0, 1) < nuisance.shadow_prob:
-                image = _shadow(image, depth, angle, nuisance, gen)
+                shadow = _shadow_factor(shape, nuisance, gen)
+                image = image * shadow
             if _uniform(gen, 0, 1) < nuisance.dropout_prob:
                 image = _dropout(image, label, gen, nuisance.dropout_attenuation)
             if _uniform(gen, 0, 1) < nuisance.extra_structure_prob:
@@ -304,8 +321,11 @@ def make_pair(shape: tuple[int, ...], nuisance: Nuisances, gen: torch.Generator)
         elif nuisance.noise == "rician" and nuisance.noise_level > 0:
             image = _rician(image, nuisance.noise_level, gen)
         frames.append(image)
+    if shadow is not None and nuisance.shadow_frames == "both":
+        frames[0] = frames[0] * shadow  # the occluder is fixed to the probe: it shadows both frames
 
     mask = None
+    depth, angle = sector_geometry(shape)
     if nuisance.fov:
         half = math.radians(nuisance.sector_angle_deg) / 2
         mask = ((angle.abs() <= half) & (depth <= 1.02 * shape[0])).float()
