@@ -265,6 +265,8 @@ class AdaCS(L.LightningModule):
                 mask=mask,
             )
         loss_de, data = self._displacement_loss(directions, pending, mask, updates_backbone, batch_size)
+        # Before anything changes state: an optimiser step, or m_T (which μ_T = data feeds).
+        self._check_finite(batch_idx, phase, {"L_de": loss_de, "displacement data term": data})
         opt_backbone, opt_scorer = self._optimisers()
 
         single_pass = pending is not None and cycle_len == 1 and not self._uses_grad_scaler()
@@ -273,7 +275,6 @@ class AdaCS(L.LightningModule):
             # L_de reaches only f_θ and L_se only g_φ (the stop-gradients make the graphs
             # disjoint), so one backward pass of their sum gives both networks their gradients.
             # (A gradient scaler, 16-bit precision, needs one backward pass per optimiser.)
-            self._check_finite(batch_idx, phase, {"L_de": loss_de, "displacement data term": data})
             m = self._update_momentum([data.detach()])
             loss_se = self._scoring_loss(pending, m, batch_size, recompute=False)
             self._check_finite(batch_idx, phase, {"L_se": loss_se})
@@ -283,7 +284,6 @@ class AdaCS(L.LightningModule):
             _step(opt_scorer)
             return
 
-        self._check_finite(batch_idx, phase, {"L_de": loss_de, "displacement data term": data})
         if updates_backbone:
             self.manual_backward(loss_de / cycle_len)
         if pending is not None:
