@@ -1,0 +1,64 @@
+"""Cases that cannot be used: the error that names the file, and the list of skipped cases."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import AdaCSError
+
+log = logging.getLogger("adacs_lightning")
+
+
+class DataError(AdaCSError):
+    """A data file that cannot be used: ``"<file>: <problem> <fix>"``."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str = "") -> None:
+        self.path, self.problem, self.fix = str(path), problem, fix
+        super().__init__(f"{path}: {problem} {fix}".rstrip())
+
+
+class SkippedCaseWarning(UserWarning):
+    """A case was left out of the data set because one of its files cannot be used."""
+
+
+@dataclass(frozen=True)
+class BadCase:
+    """A case left out, with the file at fault, what is wrong and how to fix it."""
+
+    case: str
+    file: str
+    problem: str
+    fix: str
+
+    @classmethod
+    def from_error(cls, case: str, error: DataError) -> BadCase:
+        return cls(case, error.path, error.problem, error.fix)
+
+    def error(self) -> DataError:
+        return DataError(self.file, self.problem, self.fix)
+
+
+def skip_or_raise(case: str, error: DataError, strict: bool) -> BadCase:
+    """Raise ``error`` when ``strict``; otherwise warn and return the record of the skipped case."""
+    if strict:
+        raise error
+    warnings.warn(
+        f"Skipping case {case}: {error} (set data.strict=true to stop instead)", SkippedCaseWarning, stacklevel=2
+    )
+    return BadCase.from_error(case, error)
+
+
+def write_report(folder: str | Path | None, name: str, bad: list[BadCase]) -> Path | None:
+    """Write the skipped cases to ``folder/name`` (JSON list, empty when none); returns the path."""
+    if bad:
+        log.warning("%d case(s) skipped; see %s", len(bad), Path(folder) / name if folder else "the warnings above")
+    if folder is None:
+        return None
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(b) for b in bad], indent=2))
+    return path

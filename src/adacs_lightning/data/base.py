@@ -1,0 +1,221 @@
+"""Datamodule logic shared by every data set: loaders, splits, and (for files on disk) caching and reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from monai.transforms import Compose
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..errors import ConfigError
+from .bad_cases import BadCase, write_report
+from .pairs import SPLITS, CachedPairs, Catalog, PairSpec
+
+log = logging.getLogger("adacs_lightning")
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+
+
+class PairDataModule(L.LightningDataModule):
+    """Loaders of batch dicts for the three splits, the same under one process and under DDP.
+
+    Subclasses fill ``self.datasets[split]`` in ``setup``. Attributes read by :class:`~adacs_lightning.AdaCS`
+    and the CLI: ``spatial_dims``, ``eval_labels`` (label values whose mean Dice is ``val/dice``)
+    and ``label_names`` (value → name).
+    """
+
+    label_names: dict[int, str] = {}
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        eval_labels: Sequence[int] | None,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ConfigError("spatial_dims", f"must be 2 or 3, got {spatial_dims}.", "Use 2 or 3.")
+        if batch_size < 1:
+            raise ConfigError("batch_size", f"must be at least 1, got {batch_size}.", "Use 1 or more.")
+        self.spatial_dims = int(spatial_dims)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.eval_labels = [int(v) for v in eval_labels] if eval_labels is not None else None
+        self.datasets: dict[str, Dataset] = {}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup(None)
+        dataset = self.datasets[split]
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        # A seeded, epoch-aware sampler (Lightning calls set_epoch) makes the order of
+        # pairs a function of (seed, epoch, rank), so a resumed run sees the same batches.
+        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def as_size(value: int | Sequence[int] | None, ndim: int, setting: str = "data.image_size") -> tuple[int, ...] | None:
+    """``image_size`` as one int per axis (an int stands for all ``ndim`` axes); None stays None."""
+    if value is None:
+        return None
+    size = (int(value),) * ndim if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(size) != ndim or min(size) < 4:
+        raise ConfigError(setting, f"needs {ndim} sizes of at least 4 voxels, got {value}.", f"E.g. {setting}=128.")
+    return size
+
+
+class FileDataModule(PairDataModule):
+    """A data set read from disk: discovery, patient-level splits, a cache, and the reports of a run.
+
+    Subclasses implement :meth:`discover` (a :class:`Catalog` of units and pairs per split, found
+    without reading any image) and :meth:`pipeline` (the deterministic MONAI transforms of a unit).
+    ``setup`` preprocesses the units of the needed splits once (``CacheDataset``), skips unusable
+    cases with a warning (or raises when ``strict``), and writes ``splits.json`` and
+    ``skipped_cases.json`` to ``output_dir``.
+
+    Args:
+        train_pairs, val_pairs, test_pairs: keep at most this many pairs per split (None: all).
+        strict: stop at the first unusable case instead of skipping it.
+        output_dir: the run folder for ``splits.json`` / ``skipped_cases.json`` (None: not written).
+        cache_workers: threads that read and preprocess the files.
+    """
+
+    dataset_name = "files"
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        eval_labels: Sequence[int] | None,
+        train_pairs: int | None = None,
+        val_pairs: int | None = None,
+        test_pairs: int | None = None,
+        strict: bool = False,
+        output_dir: str | None = None,
+        cache_workers: int = 1,
+    ) -> None:
+        super().__init__(spatial_dims, batch_size, num_workers, seed, eval_labels)
+        self.max_pairs = {"train": train_pairs, "val": val_pairs, "test": test_pairs}
+        for split, count in self.max_pairs.items():
+            if count is not None and count < 1:
+                raise ConfigError(f"{split}_pairs", f"must be at least 1 (or null for all), got {count}.")
+        self.strict = bool(strict)
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.cache_workers = int(cache_workers)
+        self.catalog: Catalog | None = None
+        self.bad_cases: list[BadCase] = []
+
+    # ------------------------------------------------------------------ to implement
+    def discover(self) -> Catalog:
+        """Find units and pairs on disk (no image is read); unusable cases go to ``Catalog.bad``."""
+        raise NotImplementedError
+
+    def pipeline(self) -> Compose:
+        """Deterministic transforms from a unit's file dict to the tensors held in the cache."""
+        raise NotImplementedError
+
+    def keep_slice(self, source: dict, target: dict, pair: PairSpec, index: int) -> bool:
+        """Whether slice ``index`` of a slice pair becomes a pair (all slices by default)."""
+        return True
+
+    # ------------------------------------------------------------------ shared
+    def _writes(self) -> bool:
+        trainer = self.trainer
+        return self.output_dir is not None and (trainer is None or trainer.is_global_zero)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.catalog is None:
+            self.catalog = self.discover()
+            self.bad_cases = list(self.catalog.bad)
+            if self._writes():
+                self._write_splits()
+        pipeline = self.pipeline()
+        for split in _STAGE_SPLITS.get(stage, SPLITS):
+            if split in self.datasets:
+                continue
+            pairs = self.catalog.pairs.get(split, [])
+            if not pairs:
+                raise ConfigError(
+                    "data.root",
+                    f"the {self.dataset_name} data set has no usable pair in the '{split}' split.",
+                    "Check the layout and the skipped cases listed above (skipped_cases.json in the run folder).",
+                )
+            dataset = CachedPairs(
+                list(self.catalog.units.values()),
+                pairs,
+                pipeline,
+                strict=self.strict,
+                keep_slice=self.keep_slice,
+                max_pairs=self.max_pairs[split],
+                cache_workers=self.cache_workers,
+            )
+            self.bad_cases += dataset.bad
+            if len(dataset) == 0:
+                raise ConfigError(
+                    "data.root",
+                    f"no pair of the '{split}' split could be loaded ({len(dataset.bad)} case(s) skipped).",
+                    "Fix the files named in the warnings above (also in skipped_cases.json in the run folder).",
+                )
+            self._check_one_shape(split, dataset)
+            self.datasets[split] = dataset
+            log.info("%s %s: %d pairs", self.dataset_name, split, len(dataset))
+        if self.eval_labels is None:
+            found = sorted({v for d in self.datasets.values() for v in d.label_values()})
+            self.eval_labels = found or None
+        if self._writes():
+            write_report(self.output_dir, "skipped_cases.json", self.bad_cases)
+
+    def _check_one_shape(self, split: str, dataset: CachedPairs) -> None:
+        shapes = dataset.shapes()
+        if len(shapes) > 1:
+            listed = "; ".join(f"{shape} ({case})" for shape, case in list(shapes.items())[:4])
+            raise ConfigError(
+                "data.image_size",
+                f"the '{split}' images come in several sizes after preprocessing: {listed}.",
+                "Set data.image_size to one size (e.g. data.image_size=128) so that they can be batched.",
+            )
+
+    def _write_splits(self) -> None:
+        assert self.catalog is not None and self.output_dir is not None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        content = {
+            "dataset": self.dataset_name,
+            "seed": self.seed,
+            **{split: self.catalog.groups.get(split, []) for split in SPLITS},
+            "pairs": {split: len(self.catalog.pairs.get(split, [])) for split in SPLITS},
+        }
+        (self.output_dir / "splits.json").write_text(json.dumps(content, indent=2))
+
+
+def require_folder(root: str | Path | None, setting: str = "data.root", what: str = "the data set") -> Path:
+    """``root`` as a Path, or a :class:`ConfigError` when it is unset, missing or not a folder."""
+    if root is None or str(root) in ("", "???"):
+        raise ConfigError(setting, "is not set.", f"Point {setting} at {what} on this machine, e.g. {setting}=/data/x.")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise ConfigError(setting, f"'{path}' does not exist or is not a folder.", f"Point {setting} at {what}.")
+    return path
