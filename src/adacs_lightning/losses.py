@@ -117,3 +117,32 @@ def momentum_target(mu: Tensor, kappa: Tensor | float) -> Tensor:
     """
     scaled = (kappa * mu).clamp(0.0, 1.0)
     return torch.cos(0.5 * math.pi * scaled).clamp(0.0, 1.0)  # cos(π/2) is -4e-8 in float32
+
+
+def gaussian_nll(residual: Tensor, log_variance: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Heteroscedastic Gaussian negative log-likelihood ``mean(0.5·(r/σ² + log σ²))`` inside the mask.
+
+    Args:
+        residual: the squared residual ``r`` ``(B, 1, *spatial)`` (not detached: the backbone learns from it).
+        log_variance: the predicted ``log σ²`` ``(B, 1, *spatial)``.
+        mask: optional field of view ``(B, 1, *spatial)``.
+
+    The constant ``0.5·log 2π`` is left out.
+    """
+    return masked_mean(_voxel_nll(residual, log_variance), mask)
+
+
+def beta_nll(residual: Tensor, log_variance: Tensor, beta: float = 0.5, mask: Tensor | None = None) -> Tensor:
+    """β-NLL (Seitzer et al., ICLR 2022): the per-voxel NLL weighted by ``sg(σ^{2β})``, mean inside the mask.
+
+    ``beta = 0`` is :func:`gaussian_nll`; ``beta = 1`` gives the mean-squared-error gradient to the
+    residual. Shapes as :func:`gaussian_nll`.
+    """
+    if beta < 0:
+        raise ValueError(f"beta must be non-negative, got {beta}")
+    weight = torch.exp(beta * log_variance.detach())
+    return masked_mean(weight * _voxel_nll(residual, log_variance), mask)
+
+
+def _voxel_nll(residual: Tensor, log_variance: Tensor) -> Tensor:
+    return 0.5 * (residual * torch.exp(-log_variance) + log_variance)

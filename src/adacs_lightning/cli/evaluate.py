@@ -1,0 +1,140 @@
+"""``adacs-eval``: evaluate trained runs on their test pairs and compare them with paired tests.
+
+Examples::
+
+    adacs-eval outputs/2026-01-01/12-00-00                      # one run: its best checkpoint, its data
+    adacs-eval runs/baseline runs/adacs --output comparison     # paired comparison of two runs
+    adacs-eval multirun/2026-01-01/12-00-00/*                    # every run of a sweep
+    adacs-eval checkpoints/best.ckpt --data synthetic data.test_pairs=64
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from ..errors import AdaCSError
+from ..evaluation.report import evaluate
+
+log = logging.getLogger("adacs_lightning")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adacs-eval",
+        description=(
+            "Register every test pair with trained backbones and report Dice, HD95, HD and average surface "
+            "distance (mm, from the data's voxel spacing), folding and inference time per case; with two or "
+            "more runs, compare them case by case with a paired t-test and a Wilcoxon signed-rank test."
+        ),
+        epilog=(
+            "Each RUN is a run folder of adacs-train (its best checkpoint and its data config are used) or a "
+            "checkpoint file (.ckpt or backbone.pt). Data overrides use Hydra's syntax: data=NAME picks "
+            "conf/data/NAME.yaml, data.KEY=VALUE changes one setting (e.g. data.test_pairs=64). Writes cases.csv, "
+            "summary.csv/.md and, for several runs, comparison.csv/.md and paired_tests.csv."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders or checkpoints, then data overrides")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: <run>/evaluation)")
+    parser.add_argument("--data", default=None, help="data config: a name in conf/data or a YAML file")
+    parser.add_argument("--labels", type=int, nargs="+", default=None, help="label values (default: data.eval_labels)")
+    parser.add_argument("--split", default="test", choices=("test", "val"), help="which pairs to register")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--max-cases", type=int, default=None, help="evaluate the first N cases only")
+    parser.add_argument("--figures", type=int, default=2, help="Figure 4 panels of the first N cases of each run")
+    parser.add_argument("--skip-missing", action="store_true", help="skip runs without a checkpoint")
+    return parser
+
+
+def split_overrides(arguments: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """``(paths, data option or None, data.key=value overrides)`` from the positional arguments."""
+    paths, data, overrides = [], None, []
+    for argument in arguments:
+        key, sep, value = argument.partition("=")
+        if sep and key.lstrip("+") == "data":
+            data = value
+        elif sep and key.lstrip("+").startswith("data."):
+            overrides.append(argument.lstrip("+"))
+        elif sep and not Path(argument).exists():
+            raise AdaCSError(f"Unknown override '{argument}': adacs-eval takes data=NAME and data.KEY=VALUE only.")
+        else:
+            paths.append(argument)
+    return paths, data, overrides
+
+
+def run(argv: list[str] | None = None) -> dict[str, Path]:
+    """Parse ``argv``, evaluate, print the tables; returns the files written."""
+    args = build_parser().parse_args(argv)
+    paths, data, overrides = split_overrides(args.runs)
+    if args.data is not None and data is not None and args.data != data:
+        raise AdaCSError(f"--data {args.data} and data={data} disagree: give one.")
+    if args.max_cases is not None and args.max_cases < 1:
+        raise AdaCSError("--max-cases must be at least 1.")
+    report = evaluate(
+        paths,
+        output=args.output,
+        data=args.data or data,
+        overrides=overrides,
+        labels=args.labels,
+        device=args.device,
+        split=args.split,
+        max_cases=args.max_cases,
+        figures=max(args.figures, 0),
+        skip_missing=args.skip_missing,
+    )
+    print(report.files["summary_md"].read_text())
+    if "comparison_md" in report.files:
+        print(report.files["comparison_md"].read_text())
+    print(f"Written to {report.files['cases'].parent}")
+    return report.files
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script ``adacs-eval``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except AdaCSError as error:
+        print(f"adacs-eval: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class CompareOnMultirunEnd(Callback):
+    """Hydra callback: when a multirun ends, evaluate its runs and write the comparison into the sweep folder.
+
+    Writes ``comparison.md``/``.csv``, ``paired_tests.csv``, ``cases.csv`` and ``summary.*`` to
+    ``hydra.sweep.dir``; jobs that left no checkpoint (failed runs) are skipped with a warning.
+
+    Args:
+        figures: Figure 4 panels of the first N test cases of each run.
+        device: where the backbones run.
+    """
+
+    def __init__(self, figures: int = 2, device: str = "auto") -> None:
+        self.figures = figures
+        self.device = device
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        runs = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra" / "config.yaml").is_file())
+        if not runs:
+            log.warning("No run folders in %s: nothing to compare.", sweep_dir)
+            return
+        try:
+            report = evaluate(runs, output=sweep_dir, figures=self.figures, device=self.device, skip_missing=True)
+        except AdaCSError as error:
+            log.error("The comparison of %s failed: %s", sweep_dir, error)
+            return
+        written = report.files.get("comparison_md", report.files["summary_md"])
+        log.info("Comparison of %d runs: %s\n%s", len(runs), written, written.read_text())
+
+
+if __name__ == "__main__":
+    main()

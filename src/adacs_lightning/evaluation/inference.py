@@ -1,0 +1,94 @@
+"""Registering one image pair with a trained backbone: preprocessing, padding, warping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.networks.blocks import Warp
+from monai.transforms import DivisiblePad, ScaleIntensity
+from monai.utils import convert_to_tensor
+
+from ..backbones import Backbone
+from ..errors import AdaCSError
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Registration:
+    """Result of :func:`register_arrays`, arrays in the input's shape.
+
+    ``warped``: the source warped onto the target (its original intensities); ``ddf``:
+    the displacement ``(ndim, *spatial)`` in voxels; ``warped_labels``: the source labels
+    warped with nearest-neighbour interpolation, or None.
+    """
+
+    warped: np.ndarray
+    ddf: np.ndarray
+    warped_labels: np.ndarray | None = None
+
+
+def scale_to_unit(array: np.ndarray) -> Tensor:
+    """``(1, *spatial)`` float tensor with intensities min-max scaled to [0, 1], as the training data."""
+    scaled = ScaleIntensity(minv=0.0, maxv=1.0)(torch.as_tensor(array, dtype=torch.float32)[None])
+    return convert_to_tensor(scaled, track_meta=False)
+
+
+@torch.no_grad()
+def register_arrays(
+    backbone: Backbone,
+    source: np.ndarray,
+    target: np.ndarray,
+    source_labels: np.ndarray | None = None,
+    scale: bool = True,
+    divisible: int = 16,
+    device: str | torch.device = "cpu",
+) -> Registration:
+    """Register ``source`` onto ``target`` (both ``(*spatial)``) with the backbone alone.
+
+    The network sees both images scaled to [0, 1] (``scale=False`` uses them as they are) and,
+    when ``divisible > 1``, zero-padded symmetrically to a multiple of ``divisible`` per axis
+    (U-Net backbones need sizes that divide by their total down-sampling, 16 for VoxelMorph);
+    the displacement is cropped back to the input's shape.
+    """
+    if source.shape != target.shape:
+        raise AdaCSError(
+            f"source {source.shape} and target {target.shape} differ in shape: resample one onto the other's grid first."
+        )
+    if source.ndim != backbone.spatial_dims:
+        raise AdaCSError(f"The images are {source.ndim}D but the network registers {backbone.spatial_dims}D images.")
+    if backbone.in_channels != 1:
+        raise AdaCSError(f"The network takes {backbone.in_channels}-channel images; these are scalar images.")
+    device = torch.device(device)
+    moving = scale_to_unit(source) if scale else torch.as_tensor(source, dtype=torch.float32)[None]
+    fixed = scale_to_unit(target) if scale else torch.as_tensor(target, dtype=torch.float32)[None]
+    pad = DivisiblePad(k=max(divisible, 1), mode="constant")
+    padded_moving, padded_fixed = (convert_to_tensor(pad(image), track_meta=False) for image in (moving, fixed))
+    try:
+        ddf = backbone.to(device).eval()(padded_moving[None].to(device), padded_fixed[None].to(device))[0].cpu()
+    except (RuntimeError, ValueError) as error:
+        raise AdaCSError(
+            f"The network could not register images of shape {source.shape} (padded to "
+            f"{tuple(padded_moving.shape[1:])}): {error}. U-Net backbones need sizes divisible by their "
+            "down-sampling: try --divisible 16 or 32."
+        ) from error
+    crop = tuple(slice(lo, lo + n) for lo, n in zip(_pad_before(source.shape, divisible), source.shape))
+    ddf = ddf[(slice(None), *crop)].contiguous()
+    original = torch.as_tensor(source, dtype=torch.float32)[None, None]
+    warped = Warp(mode="bilinear", padding_mode="border")(original, ddf[None])[0, 0]
+    warped_labels = None
+    if source_labels is not None:
+        if source_labels.shape != source.shape:
+            raise AdaCSError(f"source labels {source_labels.shape} and source {source.shape} differ in shape.")
+        labels = torch.as_tensor(np.asarray(source_labels), dtype=torch.float32)[None, None]
+        warped_labels = Warp(mode="nearest", padding_mode="border")(labels, ddf[None])[0, 0].round().numpy()
+        warped_labels = warped_labels.astype(np.asarray(source_labels).dtype)
+    return Registration(warped.numpy(), ddf.numpy(), warped_labels)
+
+
+def _pad_before(shape: tuple[int, ...], divisible: int) -> list[int]:
+    """Voxels :class:`~monai.transforms.DivisiblePad` (symmetric) adds before each axis."""
+    k = max(divisible, 1)
+    return [(-(-n // k) * k - n) // 2 for n in shape]

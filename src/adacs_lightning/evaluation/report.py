@@ -1,0 +1,344 @@
+"""Evaluating runs on their test pairs and writing per-case, summary and comparison reports."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+
+from ..checkpoint import load_backbone
+from ..errors import AdaCSError, ConfigError
+from .cases import METRICS, CaseEvaluator, iterate_pairs
+from .runs import Run, data_config, data_key
+from .stats import mean_std, paired_test
+from .tables import format_mean_std, format_p, markdown_table, write_csv
+
+log = logging.getLogger("adacs_lightning")
+
+# The paper's table: Dice (%), HD95 and ASD (mm); folding and time for reference.
+TABLE_COLUMNS = {
+    "dice": ("Dice (%) ↑", 100.0),
+    "hd95": ("HD95 (mm) ↓", 1.0),
+    "asd": ("ASD (mm) ↓", 1.0),
+    "hd": ("HD (mm) ↓", 1.0),
+    "folding_pct": ("folding (%) ↓", 1.0),
+    "time_ms": ("time (ms)", 1.0),
+}
+COMPARED = ("dice", "hd95", "hd", "asd", "folding_pct")
+
+
+@dataclass
+class Report:
+    """What :func:`evaluate` wrote and computed."""
+
+    cases: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    table: list[dict[str, Any]] = field(default_factory=list)
+    tests: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ConfigError("device", f"'{device}' is not a device ({error}).", "Use auto, cpu or cuda.") from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "CUDA is not available on this machine.", "Use --device cpu.")
+    return resolved
+
+
+def evaluate_run(
+    run: Run,
+    data: Mapping[str, Any],
+    labels: Sequence[int] | None = None,
+    device: str | torch.device = "cpu",
+    split: str = "test",
+    max_cases: int | None = None,
+    figures: int = 0,
+    figure_dir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Register every pair of ``split`` with the run's backbone; one row of metrics per case.
+
+    Rows start with ``run``, ``backbone``, ``method``, ``seed``, ``data`` (the data key) and the
+    columns of :class:`~adacs_lightning.evaluation.cases.CaseEvaluator`. With ``figures > 0``
+    the first ``figures`` cases are drawn in the Figure 4 layout to ``figure_dir/<case>.png``.
+    """
+    datamodule = _build_datamodule(data)
+    loader = _loader(datamodule, split)
+    labels = list(labels or getattr(datamodule, "eval_labels", None) or [])
+    pairs = iterate_pairs(loader)
+    if not labels:
+        first = next(pairs)
+        labels = [int(v) for v in torch.unique(first["target_label"]).tolist() if v != 0]
+        pairs = iter([first, *pairs])
+    names = dict(getattr(datamodule, "label_names", None) or {})
+    evaluator = CaseEvaluator(load_backbone(run.checkpoint, map_location="cpu"), labels, names, device)
+    head = {"run": run.label, "backbone": run.backbone, "method": run.method, "seed": run.seed, "data": data_key(data)}
+    figure_model = _figure_model(run, evaluator.backbone) if figures > 0 else None
+    rows = []
+    for index, pair in enumerate(islice(pairs, max_cases)):
+        rows.append({**head, **evaluator.evaluate(pair)})
+        if figure_model is not None and index < figures and figure_dir is not None:
+            _save_case_figure(figure_model, pair, figure_dir, evaluator.device)
+    if not rows:
+        raise AdaCSError(f"The '{split}' split of the data has no pairs to evaluate.")
+    log.info("%s: %d cases, Dice %.4f", run.label, len(rows), mean_std([r["dice"] for r in rows])[0])
+    return rows
+
+
+def _build_datamodule(data: Mapping[str, Any]):
+    try:
+        return instantiate(dict(data), _convert_="all")
+    except Exception as error:
+        cause = error.__cause__ or error
+        raise ConfigError(
+            "data", f"could not be built ({type(cause).__name__}: {cause}).", "Check the data config."
+        ) from cause
+
+
+def _loader(datamodule, split: str):
+    datamodule.setup({"test": "test", "val": "validate", "train": "fit"}.get(split, split))
+    getter = getattr(datamodule, f"{split}_dataloader", None)
+    if getter is None:
+        raise ConfigError("split", f"the data module has no '{split}' split.", "Use --split test or val.")
+    return getter()
+
+
+def _figure_model(run: Run, backbone: torch.nn.Module):
+    """The whole trained model (with its scorer or variance network) for figures; the backbone if not rebuildable."""
+    if run.config is None or not str(run.checkpoint).endswith(".ckpt"):
+        return backbone
+    try:
+        model = instantiate(run.config.method, backbone=instantiate(run.config.backbone, _convert_="all"))
+        state = torch.load(run.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+        model.load_state_dict(state, strict=False)
+        return model.to(backbone.parameters().__next__().device).eval()
+    except Exception as error:  # figures only: fall back to the backbone's panels
+        log.warning("Figures of %s show no score map: the model could not be rebuilt (%s).", run.label, error)
+        return backbone
+
+
+def _save_case_figure(model, pair: Mapping[str, Any], folder: Path, device: torch.device) -> None:
+    from ..callbacks import registration_figure, save_png
+
+    batch = {k: v.to(device) for k, v in pair.items() if isinstance(v, torch.Tensor) and k != "spacing"}
+    image = registration_figure(model, batch, max_pairs=1, case_ids=[pair["case_id"]])
+    save_png(image, folder / f"{pair['case_id']}.png")
+
+
+def summarise(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample std of each metric per run: one row per run (columns ``<metric>_mean``/``_std``, ``n``)."""
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in cases:
+        groups[row["run"]].append(row)
+    rows = []
+    for members in groups.values():
+        first = members[0]
+        row = {k: first[k] for k in ("run", "backbone", "method", "seed", "data")}
+        row["n"] = len(members)
+        for metric in ("dice_initial", *METRICS):
+            row[f"{metric}_mean"], row[f"{metric}_std"], _ = mean_std([m[metric] for m in members])
+        rows.append(row)
+    return rows
+
+
+def compare(cases: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The paper's table (one row per backbone × method, pooled over runs) and paired tests.
+
+    Cases pair by ``(data key, case id)``. Within each backbone every method is compared with
+    ``baseline`` (or, without one, the backbone's first method); when no backbone has two
+    methods, every group is compared with the first. Differences are ``method − reference``.
+    """
+    groups: dict[tuple[str, str], dict[tuple[str, str], Mapping[str, Any]]] = {}
+    runs: dict[tuple[str, str], set] = defaultdict(set)
+    for row in cases:
+        group = groups.setdefault((row["backbone"], row["method"]), {})
+        key = (row["data"], row["case_id"])
+        if key in group:
+            raise AdaCSError(
+                f"Two runs of {row['backbone']}/{row['method']} ({row['run']} and another) were evaluated on the "
+                f"same case {row['case_id']} of the same data: give each backbone/method/seed once."
+            )
+        group[key] = row
+        runs[(row["backbone"], row["method"])].add(row["run"])
+    table = []
+    for (backbone, method), members in groups.items():
+        row = {"backbone": backbone, "method": method, "runs": len(runs[(backbone, method)]), "n": len(members)}
+        for metric in TABLE_COLUMNS:
+            row[f"{metric}_mean"], row[f"{metric}_std"], _ = mean_std([m[metric] for m in members.values()])
+        table.append(row)
+    tests = []
+    for reference, other in _comparisons(list(groups)):
+        keys = [k for k in groups[reference] if k in groups[other]]
+        for metric in COMPARED:
+            a = [groups[reference][k][metric] for k in keys]
+            b = [groups[other][k][metric] for k in keys]
+            result = paired_test(a, b)
+            tests.append(
+                {
+                    "backbone": other[0],
+                    "method": other[1],
+                    "reference": f"{reference[0]}/{reference[1]}" if reference[0] != other[0] else reference[1],
+                    "metric": metric,
+                    "better": METRICS[metric],
+                    **vars(result),
+                }
+            )
+    return table, tests
+
+
+def _comparisons(groups: list[tuple[str, str]]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    by_backbone: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for group in groups:
+        by_backbone[group[0]].append(group)
+    pairs = []
+    for members in by_backbone.values():
+        methods = [g[1] for g in members]
+        reference = members[methods.index("baseline")] if "baseline" in methods else members[0]
+        pairs += [(reference, g) for g in members if g != reference]
+    if not pairs and len(groups) > 1:
+        pairs = [(groups[0], g) for g in groups[1:]]
+    return pairs
+
+
+def summary_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
+    header = ["run", "cases", "Dice before (%)", *(name for name, _ in TABLE_COLUMNS.values())]
+    rows = [
+        [
+            r["run"],
+            r["n"],
+            format_mean_std(r["dice_initial_mean"], r["dice_initial_std"], 100.0),
+            *(format_mean_std(r[f"{m}_mean"], r[f"{m}_std"], scale) for m, (_, scale) in TABLE_COLUMNS.items()),
+        ]
+        for r in summary
+    ]
+    return "# Evaluation\n\nMean ± standard deviation over test cases.\n\n" + markdown_table(header, rows)
+
+
+def comparison_markdown(table: Sequence[Mapping[str, Any]], tests: Sequence[Mapping[str, Any]]) -> str:
+    paper = ("dice", "hd95", "asd", "folding_pct")
+    header = ["backbone", "method", "runs", "cases", *(TABLE_COLUMNS[m][0] for m in paper)]
+    rows = [
+        [r["backbone"], r["method"], r["runs"], r["n"]]
+        + [format_mean_std(r[f"{m}_mean"], r[f"{m}_std"], TABLE_COLUMNS[m][1]) for m in paper]
+        for r in table
+    ]
+    text = "# Comparison\n\nMean ± standard deviation over test cases, pooled over the runs (seeds) of each row.\n\n"
+    text += markdown_table(header, rows)
+    if tests:
+        header = ["backbone", "method", "vs", "metric", "pairs", "mean difference", "paired t-test p", "Wilcoxon p"]
+        rows = [
+            [
+                t["backbone"],
+                t["method"],
+                t["reference"],
+                TABLE_COLUMNS[t["metric"]][0],
+                t["n"],
+                _signed(t["mean_difference"] * TABLE_COLUMNS[t["metric"]][1]),
+                format_p(t["t_pvalue"]),
+                format_p(t["wilcoxon_pvalue"]),
+            ]
+            for t in tests
+        ]
+        text += (
+            "\n## Paired differences\n\nCases paired by data set and case id; difference = method − reference "
+            "(↑: positive is better, ↓: negative is better); two-sided p-values of the paired t-test and the "
+            "Wilcoxon signed-rank test (SciPy).\n\n" + markdown_table(header, rows)
+        )
+    return text
+
+
+def _signed(value: float) -> str:
+    return "–" if value != value else f"{value:+.3f}"
+
+
+def evaluate(
+    paths: Sequence[str | Path],
+    output: str | Path | None = None,
+    data: str | None = None,
+    overrides: Sequence[str] = (),
+    labels: Sequence[int] | None = None,
+    device: str = "auto",
+    split: str = "test",
+    max_cases: int | None = None,
+    figures: int = 2,
+    skip_missing: bool = False,
+) -> Report:
+    """Evaluate runs (folders or checkpoints) and write the reports to ``output``.
+
+    Writes ``cases.csv`` (one row per run and case), ``summary.csv``/``summary.md`` (mean ± std
+    per run), with two or more runs ``comparison.csv``/``comparison.md`` (backbone × method table
+    and paired tests) and ``paired_tests.csv``, and Figure 4 panels of the first ``figures`` cases
+    of each run under ``figures/``. ``output`` defaults to ``<run>/evaluation`` for one run and to
+    ``evaluation/`` in the runs' common folder for several. ``skip_missing`` skips run folders
+    without a checkpoint (a failed job of a sweep) instead of stopping.
+    """
+    from .runs import resolve_run
+
+    if not paths:
+        raise AdaCSError("Nothing to evaluate: give one or more run folders or checkpoints.")
+    resolved = []
+    for path in paths:
+        try:
+            resolved.append(resolve_run(path))
+        except AdaCSError as error:
+            if not skip_missing:
+                raise
+            log.warning("Skipped %s: %s", path, error)
+    if not resolved:
+        raise AdaCSError("None of the runs has a checkpoint to evaluate.")
+    output = Path(output) if output is not None else _default_output(resolved)
+    target = resolve_device(device)
+    cases = []
+    if len({run.label for run in resolved}) < len(resolved):  # e.g. one config trained twice
+        for run in resolved:
+            run.name = f"{run.label}@{(run.folder or run.checkpoint.parent).name}"
+    for run in resolved:
+        config = data_config(run, data, list(overrides))
+        figure_dir = output / "figures" / _safe(run.label)
+        cases += evaluate_run(run, config, labels, target, split, max_cases, figures, figure_dir)
+    summary = summarise(cases)
+    report = Report(cases, summary)
+    report.files["cases"] = write_csv(cases, output / "cases.csv")
+    report.files["summary"] = write_csv(summary, output / "summary.csv")
+    report.files["summary_md"] = output / "summary.md"
+    report.files["summary_md"].write_text(summary_markdown(summary))
+    if len(resolved) > 1:
+        report.table, report.tests = compare(cases)
+        report.files["comparison"] = write_csv(report.table, output / "comparison.csv")
+        if report.tests:
+            report.files["paired_tests"] = write_csv(report.tests, output / "paired_tests.csv")
+        report.files["comparison_md"] = output / "comparison.md"
+        report.files["comparison_md"].write_text(comparison_markdown(report.table, report.tests))
+    return report
+
+
+def _default_output(runs: Sequence[Run]) -> Path:
+    folders = [(run.folder or run.checkpoint.parent).resolve() for run in runs]
+    if len(folders) == 1:
+        return folders[0] / "evaluation"
+    common = Path(*Path(folders[0]).parts[: _common_prefix([f.parts for f in folders])])
+    return common / "evaluation"
+
+
+def _common_prefix(parts: list[tuple[str, ...]]) -> int:
+    length = 0
+    for items in zip(*parts):
+        if len(set(items)) > 1:
+            break
+        length += 1
+    return length
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -1,0 +1,171 @@
+"""Finding what to evaluate: a run folder or checkpoint → its checkpoint, data config and names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..errors import AdaCSError, ConfigError
+
+_CONFIG_PACKAGE = "adacs_lightning.conf"
+# Data settings that change how pairs are loaded, not which pairs: left out of the data key.
+_LOADING_KEYS = ("batch_size", "num_workers")
+
+
+@dataclass
+class Run:
+    """One trained model to evaluate.
+
+    Attributes:
+        checkpoint: the ``.ckpt`` (or ``backbone.pt``) file.
+        folder: the run folder (with ``.hydra/config.yaml``), or None for a bare checkpoint.
+        config: the run's composed config (unresolved), or None.
+        backbone: the backbone's name (the Hydra choice, else the network's class name).
+        method: the method's name (the Hydra choice, else read from the checkpoint).
+        seed: the run's seed, or None.
+        name: a label to show instead of :attr:`label`'s default.
+    """
+
+    checkpoint: Path
+    folder: Path | None
+    config: DictConfig | None
+    backbone: str
+    method: str
+    seed: int | None
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        """A short name: ``name`` if set, else ``backbone/method/seedS``."""
+        if self.name:
+            return self.name
+        seed = "" if self.seed is None else f"/seed{self.seed}"
+        return f"{self.backbone}/{self.method}{seed}"
+
+
+def best_checkpoint(folder: Path) -> Path:
+    """The run's best checkpoint (``checkpoints/best-*.ckpt``, newest if several), else ``last.ckpt``."""
+    candidates = sorted((folder / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if candidates:
+        return candidates[-1]
+    last = folder / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    if (folder / "backbone.pt").is_file():
+        return folder / "backbone.pt"
+    raise AdaCSError(
+        f"Run folder '{folder}' has no checkpoint (checkpoints/best-*.ckpt, checkpoints/last.ckpt or "
+        "backbone.pt): did its training finish? Give a checkpoint file instead."
+    )
+
+
+def resolve_run(path: str | Path) -> Run:
+    """A run folder or a checkpoint file → :class:`Run`, with a clear error for anything else."""
+    path = Path(path)
+    if path.is_dir():
+        folder, checkpoint = path, None
+    elif path.is_file():
+        # checkpoints/x.ckpt and backbone.pt sit one or two levels below their run folder.
+        folder = next((p for p in (path.parent, path.parent.parent) if (p / ".hydra" / "config.yaml").is_file()), None)
+        checkpoint = path
+    else:
+        raise AdaCSError(f"No checkpoint or run folder at '{path}': give a run folder or a .ckpt / backbone.pt file.")
+    config = choices = None
+    if folder is not None and (folder / ".hydra" / "config.yaml").is_file():
+        config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+        hydra_file = folder / ".hydra" / "hydra.yaml"
+        if hydra_file.is_file():
+            choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices")
+    elif path.is_dir():
+        raise AdaCSError(f"'{path}' is not a run folder of adacs-train (no .hydra/config.yaml): give a checkpoint.")
+    checkpoint = checkpoint or best_checkpoint(folder)
+    hparams, backbone_config = _checkpoint_header(checkpoint)
+    backbone = (choices or {}).get("backbone") or _backbone_name(backbone_config)
+    method = (choices or {}).get("method") or ("adacs" if hparams.get("scoring", False) else "baseline")
+    seed = config.get("seed") if config is not None else None
+    return Run(checkpoint, folder, config, str(backbone), str(method), None if seed is None else int(seed))
+
+
+def _checkpoint_header(path: Path) -> tuple[dict, dict | None]:
+    """``(hyper-parameters, backbone config)`` of a checkpoint; a clear error for an unreadable file."""
+    from ..checkpoint import BACKBONE_CONFIG_KEY
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for a damaged file
+        raise AdaCSError(f"'{path}' could not be read as a checkpoint ({type(error).__name__}: {error}).") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise AdaCSError(f"'{path}' is not an adacs-train checkpoint (no state_dict).")
+    return dict(checkpoint.get("hyper_parameters") or {}), checkpoint.get(BACKBONE_CONFIG_KEY)
+
+
+def _backbone_name(config: dict | None) -> str:
+    if not config:
+        return "backbone"
+    target = (config.get("net") or {}).get("_target_") or config.get("_target_", "backbone")
+    return str(target).rsplit(".", 1)[-1]
+
+
+def data_config(run: Run, data: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The resolved data config to evaluate ``run`` on.
+
+    Args:
+        run: the run; its ``.hydra/config.yaml`` data config is the default.
+        data: a data config to use instead: a name in ``conf/data`` (``synthetic``) or a YAML file.
+        overrides: ``data.key=value`` settings applied on top (Hydra/OmegaConf dot-list syntax).
+    """
+    root = OmegaConf.create({"seed": 0}) if run.config is None else run.config.copy()
+    if data is not None:
+        root.data = _load_data_option(data)
+    if root.get("data") is None:
+        raise ConfigError(
+            "data",
+            f"'{run.checkpoint}' has no run folder to read its data config from.",
+            "Name the data set: --data synthetic (or data=synthetic), or a YAML file of a data config.",
+        )
+    bad = [o for o in overrides if not o.startswith("data.") or "=" not in o]
+    if bad:
+        raise ConfigError("data", f"cannot apply {bad}.", "Overrides have the form data.key=value.")
+    if overrides:
+        root = OmegaConf.merge(root, OmegaConf.from_dotlist(list(overrides)))
+    try:
+        return OmegaConf.to_container(root.data, resolve=True)
+    except Exception as error:  # an interpolation to a key that is not there
+        raise ConfigError(
+            "data", f"could not be resolved ({error}).", "Check the data config and overrides."
+        ) from error
+
+
+def _load_data_option(name: str) -> DictConfig:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError("data", f"no data config file at '{path}'.", "Give a YAML file or a name in conf/data.")
+        config = OmegaConf.load(path)
+    else:
+        package = resources.files(_CONFIG_PACKAGE).joinpath("data")
+        file = package.joinpath(f"{name}.yaml")
+        if not file.is_file():
+            options = sorted(p.name.removesuffix(".yaml") for p in package.iterdir() if p.name.endswith(".yaml"))
+            raise ConfigError("data", f"no data config named '{name}'.", f"Choose one of {options} or a YAML file.")
+        config = OmegaConf.create(file.read_text())
+    if "defaults" in config:
+        raise ConfigError("data", f"'{name}' has a defaults list, which adacs-eval cannot compose.", "Inline it.")
+    return config
+
+
+def data_key(config: dict[str, Any]) -> str:
+    """A short fingerprint of the pairs a data config yields (loading settings left out).
+
+    Cases of two runs are paired only when their data keys agree, so that seeds that change
+    the synthetic data set never pair different images under the same case id.
+    """
+    content = {k: v for k, v in config.items() if k not in _LOADING_KEYS}
+    return hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]

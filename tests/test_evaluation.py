@@ -1,0 +1,243 @@
+"""adacs-eval: metrics against hand-computed cases, paired tests against SciPy, the reports it writes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from scipy import stats
+from torch import nn
+
+from adacs_lightning.cli import evaluate as evaluate_cli
+from adacs_lightning.evaluation import CaseEvaluator, iterate_pairs, paired_test
+from adacs_lightning.evaluation.tables import read_csv
+from adacs_lightning.metrics import dice_per_label, folding_percentage, surface_distances_per_label
+
+from .conftest import BIN, run_command
+from .eval_helpers import make_run_folder, save_tiny_checkpoint
+
+SPACING = (2.0, 0.5)  # mm along axis 0 and axis 1
+
+
+def _square(rows: slice, cols: slice, shape=(24, 24)) -> torch.Tensor:
+    label = torch.zeros((1, 1, *shape), dtype=torch.long)
+    label[0, 0, rows, cols] = 1
+    return label
+
+
+# The two 8×8 squares below differ by 2 rows (4 mm). Distances from each edge voxel of one to the
+# nearest edge voxel of the other, in mm: the far row (8 voxels) 4 mm; the row inside the other
+# square: 0 at both corners, then 0.5, 1, 1.5, 1.5, 1, 0.5 mm along the 0.5 mm axis; the side
+# columns: 2 mm for the row next to the far row, 0 for the 5 rows on the other's sides.
+HAND_DISTANCES = [4.0] * 8 + [0, 0.5, 1, 1.5, 1.5, 1, 0.5, 0] + [2.0, 0, 0, 0, 0, 0] * 2
+
+
+def test_dice_hausdorff_and_surface_distance_of_shifted_squares_in_mm():
+    a, b = _square(slice(4, 12), slice(4, 12)), _square(slice(6, 14), slice(4, 12))
+    assert dice_per_label(a, b, [1]).item() == pytest.approx(2 * 48 / 128)  # 6×8 overlap of two 8×8
+    distances = surface_distances_per_label(a, b, [1], spacing=SPACING)
+    assert len(HAND_DISTANCES) == 28  # the edge ring of an 8×8 square
+    assert distances["hd"].item() == pytest.approx(4.0)
+    assert distances["hd95"].item() == pytest.approx(np.percentile(HAND_DISTANCES, 95))
+    # The shift is symmetric, so both directions give the same 28 distances.
+    assert distances["asd"].item() == pytest.approx(sum(HAND_DISTANCES) / 28)  # 1.5 mm
+
+
+def test_hd95_ignores_an_outlier_that_the_maximum_hausdorff_distance_sees():
+    reference = _square(slice(4, 12), slice(4, 12))
+    prediction = reference.clone()
+    prediction[0, 0, 20, 8] = 1  # 9 rows below the square's edge voxel (11, 8): 18 mm
+    distances = surface_distances_per_label(prediction, reference, [1], spacing=torch.tensor([SPACING]))
+    assert distances["hd"].item() == pytest.approx(18.0)
+    assert distances["hd95"].item() == pytest.approx(0.0)  # 1 of 29 distances is non-zero
+    assert distances["asd"].item() == pytest.approx(18.0 / (29 + 28))
+
+
+def test_surface_distances_are_nan_for_a_missing_label():
+    present = _square(slice(4, 12), slice(4, 12))
+    distances = surface_distances_per_label(torch.zeros_like(present), present, [1], spacing=SPACING)
+    assert all(math.isnan(v.item()) for v in distances.values())
+
+
+class ConstantShift(nn.Module):
+    """A stand-in backbone returning one displacement everywhere (voxels)."""
+
+    spatial_dims, in_channels = 2, 1
+
+    def __init__(self, shift: tuple[float, float]) -> None:
+        super().__init__()
+        self.shift = torch.tensor(shift).view(1, 2, 1, 1)
+
+    def forward(self, moving, fixed):
+        return self.shift.expand(moving.shape[0], 2, *moving.shape[2:]).clone()
+
+
+def test_case_evaluator_registers_with_the_warp_convention_and_measures_in_mm():
+    source_label = _square(slice(6, 14), slice(4, 12))
+    target_label = _square(slice(4, 12), slice(4, 12))
+    batch = {
+        "source": source_label.float(),
+        "target": target_label.float(),
+        "source_label": source_label,
+        "target_label": target_label,
+        "meta": {"case_id": ["c0"], "spacing": torch.tensor([SPACING])},
+    }
+    (pair,) = list(iterate_pairs([batch]))
+    # moving(x + u(x)) = fixed(x): u = +2 rows brings the lower square onto the upper one.
+    row = CaseEvaluator(ConstantShift((2.0, 0.0)), [1], {1: "square"}).evaluate(pair)
+    assert row["case_id"] == "c0"
+    assert row["dice_square"] == row["dice"] == pytest.approx(1.0)
+    assert row["hd95"] == row["hd"] == row["asd"] == pytest.approx(0.0)
+    assert row["dice_initial"] == pytest.approx(0.75)
+    assert row["folding_pct"] == 0.0 and row["time_ms"] > 0.0
+    unregistered = CaseEvaluator(ConstantShift((0.0, 0.0)), [1]).evaluate(pair)
+    assert unregistered["hd_label1"] == pytest.approx(4.0) and unregistered["asd"] == pytest.approx(1.5)
+
+
+def test_folding_percentage_of_a_known_field():
+    ddf = torch.zeros(1, 2, 8, 8)
+    ddf[0, 0] = -2.0 * torch.arange(8.0).view(8, 1)  # x ↦ x − 2x: det = 1 − 2 = −1 everywhere
+    assert folding_percentage(ddf).item() == pytest.approx(100.0)
+    ddf[0, 0, :4] = 0.0  # identity in the top half (the boundary rows mix both)
+    assert 0.0 < folding_percentage(ddf).item() < 100.0
+
+
+def test_paired_tests_match_scipy_and_hand_values():
+    a = [0.70, 0.75, 0.80, 0.72, 0.78]
+    b = [0.72, 0.78, 0.81, 0.76, 0.79]  # b − a: 0.02, 0.03, 0.01, 0.04, 0.01, all positive
+    result = paired_test(a, b)
+    diff = np.subtract(b, a)
+    assert result.n == 5 and result.mean_difference == pytest.approx(0.022)
+    assert result.t_statistic == pytest.approx(diff.mean() / (diff.std(ddof=1) / math.sqrt(5)))
+    assert result.t_pvalue == pytest.approx(2 * stats.t.sf(result.t_statistic, df=4))
+    assert result.t_pvalue == pytest.approx(stats.ttest_rel(b, a).pvalue)
+    # Exact Wilcoxon: all 5 differences positive is 1 of 2^5 sign patterns, two-sided p = 2/32.
+    assert result.wilcoxon_pvalue == pytest.approx(2 / 32)
+    assert paired_test([1.0, float("nan"), 3.0], [2.0, 5.0, 3.5]).n == 2  # NaN pairs dropped
+    assert math.isnan(paired_test([1.0, 2.0], [1.0, 2.0]).t_pvalue)  # no difference: no test
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    return [
+        make_run_folder(tmp_path / "runs" / "a", method="baseline"),
+        make_run_folder(tmp_path / "runs" / "b", method="adacs"),
+    ]
+
+
+def test_eval_writes_cases_summary_and_comparison(two_runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    files = evaluate_cli.run([str(p) for p in two_runs] + ["--output", str(out), "--figures", "1", "--device", "cpu"])
+    assert set(files) >= {"cases", "summary", "summary_md", "comparison", "comparison_md", "paired_tests"}
+    cases = read_csv(out / "cases.csv")
+    assert len(cases) == 8  # 2 runs × 4 test pairs
+    assert {c["method"] for c in cases} == {"baseline", "adacs"}
+    for column in ("dice_myocardium", "hd95_myocardium", "hd_myocardium", "asd_myocardium", "folding_pct", "time_ms"):
+        assert all(math.isfinite(c[column]) for c in cases), column
+    assert all(c["hd95"] <= c["hd"] for c in cases)
+    summary = read_csv(out / "summary.csv")
+    baseline = [c["dice"] for c in cases if c["method"] == "baseline"]
+    row = next(r for r in summary if r["method"] == "baseline")
+    assert row["dice_mean"] == pytest.approx(np.mean(baseline)) and row["dice_std"] == pytest.approx(
+        np.std(baseline, ddof=1)
+    )
+    tests = read_csv(out / "paired_tests.csv")
+    dice_test = next(t for t in tests if t["metric"] == "dice")
+    adacs = [c["dice"] for c in cases if c["method"] == "adacs"]
+    assert dice_test["n"] == 4 and dice_test["reference"] == "baseline"
+    assert dice_test["mean_difference"] == pytest.approx(np.mean(np.subtract(adacs, baseline)))
+    markdown = (out / "comparison.md").read_text()
+    assert "| backbone | method | runs | cases | Dice (%) ↑ | HD95 (mm) ↓ | ASD (mm) ↓ |" in markdown
+    assert "| voxelmorph | adacs | 1 | 4 |" in markdown and "Wilcoxon p" in markdown
+    assert f"{100 * np.mean(adacs):.2f} ± {100 * np.std(adacs, ddof=1):.2f}" in markdown
+    assert len(list((out / "figures").rglob("*.png"))) == 2  # one case per run
+    printed = capsys.readouterr().out
+    assert "# Comparison" in printed and "# Evaluation" in printed
+
+
+def test_data_overrides_and_a_bare_checkpoint(tmp_path, two_runs):
+    files = evaluate_cli.run([str(two_runs[0]), "data.test_pairs=2", "--figures", "0"])
+    assert files["cases"] == two_runs[0] / "evaluation" / "cases.csv"
+    assert len(read_csv(files["cases"])) == 2
+    bare = tmp_path / "bare.ckpt"
+    save_tiny_checkpoint(bare, scoring=False)
+    with pytest.raises(Exception, match="--data synthetic"):
+        evaluate_cli.run([str(bare), "--figures", "0"])
+    files = evaluate_cli.run(
+        [str(bare), "data=synthetic", "data.image_size=32", "data.test_pairs=3", "--figures", "0", "-o", str(tmp_path)]
+    )
+    assert len(read_csv(files["cases"])) == 3
+
+
+def test_cases_pair_only_within_the_same_data(tmp_path):
+    runs = [
+        make_run_folder(tmp_path / f"{method}{seed}", method=method, seed=seed)
+        for method in ("baseline", "adacs")
+        for seed in (0, 1)
+    ]
+    evaluate_cli.run([str(r) for r in runs] + ["-o", str(tmp_path / "out"), "--figures", "0"])
+    tests = read_csv(tmp_path / "out" / "paired_tests.csv")
+    assert {t["n"] for t in tests if t["metric"] == "dice"} == {8}  # 4 cases × 2 seeds, paired per seed
+    table = read_csv(tmp_path / "out" / "comparison.csv")
+    assert [(r["method"], r["runs"], r["n"]) for r in table] == [("baseline", 2, 8), ("adacs", 2, 8)]
+
+
+def test_multirun_callback_writes_the_comparison_into_the_sweep_folder(tmp_path):
+    for i, method in enumerate(("baseline", "adacs")):
+        make_run_folder(tmp_path / str(i), method=method)
+    (tmp_path / "2" / ".hydra").mkdir(parents=True)  # a failed job: config but no checkpoint
+    (tmp_path / "2" / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    callback = evaluate_cli.CompareOnMultirunEnd(figures=0, device="cpu")
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert (tmp_path / "comparison.md").is_file() and (tmp_path / "comparison.csv").is_file()
+    assert len(read_csv(tmp_path / "cases.csv")) == 8
+
+
+def test_clear_errors_for_missing_and_corrupt_checkpoints(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_cli.main([str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    assert "No checkpoint or run folder at" in capsys.readouterr().err
+    corrupt = tmp_path / "broken.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        evaluate_cli.main([str(corrupt), "--data", "synthetic"])
+    assert "could not be read as a checkpoint" in capsys.readouterr().err
+    empty_run = tmp_path / "run"
+    (empty_run / ".hydra").mkdir(parents=True)
+    (empty_run / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(SystemExit):
+        evaluate_cli.main([str(empty_run)])
+    assert "has no checkpoint" in capsys.readouterr().err
+
+
+def test_console_script_help(tmp_path):
+    result = run_command([str(BIN / "adacs-eval"), "--help"], tmp_path)
+    assert result.returncode == 0 and "paired t-test" in result.stdout and "data.KEY=VALUE" in result.stdout
+
+
+@pytest.mark.slow
+def test_tiny_synthetic_benchmark_writes_the_comparison(tmp_path):
+    from .conftest import adacs_train
+
+    sweep = tmp_path / "sweep"
+    result = adacs_train(
+        "-m",
+        "experiment=synthetic_benchmark",
+        "debug=tiny",
+        "hydra.sweeper.params.backbone=voxelmorph",
+        "hydra.sweeper.params.seed=0",
+        "trainer.max_epochs=3",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = read_csv(sweep / "comparison.csv")
+    assert sorted(r["method"] for r in table) == ["adacs", "baseline"]
+    assert all(r["n"] == 4 for r in table)  # debug=tiny: 4 test pairs
+    markdown = (sweep / "comparison.md").read_text()
+    assert "| voxelmorph | adacs |" in markdown and "Wilcoxon p" in markdown
+    assert list(sweep.glob("*/figures/momentum.png"))  # the AdaCS run's μ_T / m_T curves

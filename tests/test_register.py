@@ -1,0 +1,139 @@
+"""adacs-register: the backbone alone registers image files, and its outputs reproduce the registration."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.networks.blocks import Warp
+
+from adacs_lightning.checkpoint import load_backbone, save_backbone
+from adacs_lightning.cli import register as register_cli
+from adacs_lightning.evaluation.io import NIFTI_INTENT_VECTOR, read_displacement
+from adacs_lightning.scoring import ScoringNetwork
+from adacs_lightning.variance import LogVarianceNetwork
+
+from .conftest import BIN, run_command, tiny_backbone
+from .eval_helpers import save_tiny_checkpoint
+
+AFFINE = np.diag([1.5, 0.8, 1.0, 1.0])
+AFFINE[:3, 3] = [10.0, -5.0, 2.0]
+
+
+def _phantom(shape=(32, 32), offset=0.0, seed=0) -> np.ndarray:
+    rows, cols = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    noise = np.random.default_rng(seed).normal(0.0, 5.0, shape)
+    return (200.0 * np.exp(-((rows - 16 - offset) ** 2 + (cols - 15) ** 2) / 40.0) + 50.0 + noise).astype(np.float32)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "model.ckpt"
+    save_tiny_checkpoint(path, scoring=True)
+    return path
+
+
+@pytest.fixture
+def pair(tmp_path):
+    source, target = tmp_path / "source.nii.gz", tmp_path / "target.nii.gz"
+    nib.save(nib.Nifti1Image(_phantom(offset=2.0), np.eye(4)), str(source))
+    nib.save(nib.Nifti1Image(_phantom(seed=1), AFFINE), str(target))
+    return source, target
+
+
+def test_register_round_trips_through_the_displacement_file(checkpoint, pair, tmp_path):
+    source, target = pair
+    files = register_cli.run(
+        ["--model", str(checkpoint), "--source", str(source), "--target", str(target)]
+        + ["--out", str(tmp_path / "out"), "--device", "cpu"]
+    )
+    ddf_image = nib.load(str(files["displacement"]))
+    assert ddf_image.shape == (32, 32, 1, 1, 2) and ddf_image.header.get_intent()[0] == "vector"
+    assert int(ddf_image.header["intent_code"]) == NIFTI_INTENT_VECTOR
+    np.testing.assert_allclose(ddf_image.affine, AFFINE)  # the target's space
+    ddf = torch.from_numpy(read_displacement(files["displacement"]))
+    assert ddf.shape == (2, 32, 32) and ddf.abs().max() > 0.2  # a real, non-identity field
+    moving = torch.from_numpy(np.asarray(nib.load(str(source)).dataobj, dtype=np.float32))[None, None]
+    rewarped = Warp(mode="bilinear", padding_mode="border")(moving, ddf[None])[0, 0].numpy()
+    warped = nib.load(str(files["warped"]))
+    np.testing.assert_allclose(warped.affine, AFFINE)
+    np.testing.assert_allclose(np.asarray(warped.dataobj), rewarped, rtol=1e-5, atol=1e-3)
+    assert not np.allclose(rewarped, moving[0, 0].numpy(), atol=1e-2)
+
+
+def test_register_uses_the_backbone_alone(checkpoint, pair, tmp_path, monkeypatch):
+    assert any(k.startswith("scorer.") for k in torch.load(checkpoint, weights_only=False)["state_dict"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the scorer must be neither built nor run at inference")
+
+    for network in (ScoringNetwork, LogVarianceNetwork):
+        monkeypatch.setattr(network, "__init__", refuse)
+        monkeypatch.setattr(network, "forward", refuse)
+    source, target = pair
+    files = register_cli.run(
+        ["--model", str(checkpoint), "--source", str(source), "--target", str(target), "--out", str(tmp_path)]
+    )
+    assert files["warped"].is_file()
+    exported = save_backbone(checkpoint, tmp_path / "backbone.pt")
+    for path in (checkpoint, exported):
+        backbone = load_backbone(path)
+        assert sum(p.numel() for p in backbone.parameters()) == sum(p.numel() for p in tiny_backbone().parameters())
+    register_cli.run(
+        ["--model", str(exported), "--source", str(source), "--target", str(target), "--out", str(tmp_path / "bb")]
+    )
+
+
+def test_itk_formats_labels_and_padding(checkpoint, tmp_path):
+    spacing, origin = (0.7, 1.3), (3.0, 4.0)
+    paths = {}
+    for name, array, suffix in (
+        ("source", _phantom((30, 28), offset=2.0), ".mha"),
+        ("target", _phantom((30, 28), seed=1), ".nrrd"),
+        ("labels", (_phantom((30, 28), offset=2.0) > 150).astype(np.int16) * 2, ".nrrd"),
+    ):
+        image = sitk.GetImageFromArray(array.T.copy())  # ITK arrays are (y, x)
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        paths[name] = tmp_path / f"{name}{suffix}"
+        sitk.WriteImage(image, str(paths[name]))
+    files = register_cli.run(
+        ["--model", str(checkpoint), "--source", str(paths["source"]), "--target", str(paths["target"])]
+        + ["--source-labels", str(paths["labels"]), "--out", str(tmp_path / "out")]
+    )
+    warped = nib.load(str(files["warped"]))
+    assert warped.shape == (30, 28)  # padded to 32×32 for the network, cropped back
+    # ITK's LPS origin and spacing in NIfTI's RAS affine.
+    np.testing.assert_allclose(warped.affine[:2, :2], np.diag([-0.7, -1.3]))
+    np.testing.assert_allclose(warped.affine[:2, 3], [-3.0, -4.0])
+    labels = np.asarray(nib.load(str(files["warped_labels"])).dataobj)
+    assert set(np.unique(labels)) <= {0, 2} and (labels == 2).any()  # nearest: no new label values
+
+
+def test_clear_errors(checkpoint, pair, tmp_path, capsys):
+    source, _ = pair
+    other = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(_phantom((32, 40)), np.eye(4)), str(other))
+    with pytest.raises(SystemExit) as exit_info:
+        register_cli.main(["--model", str(checkpoint), "--source", str(source), "--target", str(other)])
+    assert exit_info.value.code == 2 and "differ in shape" in capsys.readouterr().err
+    odd = tmp_path / "odd.nii.gz"
+    nib.save(nib.Nifti1Image(_phantom((30, 30)), np.eye(4)), str(odd))
+    with pytest.raises(SystemExit):
+        register_cli.main(["--model", str(checkpoint), "--source", str(odd), "--target", str(odd), "--divisible", "1"])
+    assert "--divisible 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        register_cli.main(["--model", str(tmp_path / "none.ckpt"), "--source", str(source), "--target", str(source)])
+    assert "No checkpoint at" in capsys.readouterr().err
+    volume = tmp_path / "volume.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.eye(4)), str(volume))
+    with pytest.raises(SystemExit):
+        register_cli.main(["--model", str(checkpoint), "--source", str(volume), "--target", str(volume)])
+    assert "registers 2D images" in capsys.readouterr().err
+
+
+def test_console_script_help(tmp_path):
+    result = run_command([str(BIN / "adacs-register"), "--help"], tmp_path)
+    assert result.returncode == 0 and "--source-labels" in result.stdout
