@@ -241,3 +241,12 @@ def test_tiny_synthetic_benchmark_writes_the_comparison(tmp_path):
     markdown = (sweep / "comparison.md").read_text()
     assert "| voxelmorph | adacs |" in markdown and "Wilcoxon p" in markdown
     assert list(sweep.glob("*/figures/momentum.png"))  # the AdaCS run's μ_T / m_T curves
+
+
+def test_data_key_ignores_loading_settings_but_not_the_pairs():
+    from adacs_lightning.evaluation.runs import data_key
+
+    base = {"_target_": "x.Folder", "csv": "/data/pairs.csv", "seed": 0, "image_size": 64}
+    same = {**base, "batch_size": 2, "num_workers": 4, "output_dir": "/elsewhere", "cache_workers": 3}
+    assert data_key(base) == data_key(same)
+    assert data_key(base) != data_key({**base, "seed": 1})

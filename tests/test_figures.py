@@ -79,3 +79,11 @@ def test_no_momentum_curves_for_the_baseline(tmp_path):
     trainer = tiny_trainer(1, callbacks=[MomentumCurves()], default_root_dir=str(tmp_path))
     trainer.fit(tiny_model(scoring=False), tiny_datamodule())
     assert not (tmp_path / "figures" / "momentum.png").exists()
+
+
+def test_momentum_curves_survive_a_checkpoint():
+    curves = MomentumCurves()
+    curves.steps, curves.mu, curves.m = [1, 2], [0.5, 0.25], [0.0, 0.3]
+    restored = MomentumCurves()
+    restored.load_state_dict(curves.state_dict())
+    assert (restored.steps, restored.mu, restored.m) == ([1, 2], [0.5, 0.25], [0.0, 0.3])

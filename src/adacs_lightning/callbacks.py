@@ -239,6 +239,13 @@ class MomentumCurves(L.Callback):
         self.mu: list[float] = []
         self.m: list[float] = []
 
+    def state_dict(self) -> dict:
+        """The curves so far, so that a resumed run draws them from the start."""
+        return {"steps": list(self.steps), "mu": list(self.mu), "m": list(self.m)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.steps, self.mu, self.m = list(state_dict["steps"]), list(state_dict["mu"]), list(state_dict["m"])
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         momentum = getattr(pl_module, "momentum", None)
         if momentum is None or not trainer.is_global_zero:

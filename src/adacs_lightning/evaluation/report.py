@@ -304,7 +304,7 @@ def evaluate(
         for run in resolved:
             run.name = f"{run.label}@{(run.folder or run.checkpoint.parent).name}"
     for run in resolved:
-        config = data_config(run, data, list(overrides))
+        config = data_config(run, data, list(overrides), output_dir=output / "data" / _safe(run.label))
         figure_dir = output / "figures" / _safe(run.label)
         cases += evaluate_run(run, config, labels, target, split, max_cases, figures, figure_dir)
     summary = summarise(cases)

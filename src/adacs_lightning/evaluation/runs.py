@@ -16,7 +16,8 @@ from ..errors import AdaCSError, ConfigError
 
 _CONFIG_PACKAGE = "adacs_lightning.conf"
 # Data settings that change how pairs are loaded, not which pairs: left out of the data key.
-_LOADING_KEYS = ("batch_size", "num_workers")
+# Settings that change how pairs are loaded or where files go, not which pairs: left out of data_key.
+_LOADING_KEYS = ("batch_size", "num_workers", "cache_workers", "output_dir", "strict")
 
 
 @dataclass
@@ -113,15 +114,23 @@ def _backbone_name(config: dict | None) -> str:
     return str(target).rsplit(".", 1)[-1]
 
 
-def data_config(run: Run, data: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def data_config(
+    run: Run,
+    data: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    output_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """The resolved data config to evaluate ``run`` on.
 
     Args:
         run: the run; its ``.hydra/config.yaml`` data config is the default.
         data: a data config to use instead: a name in ``conf/data`` (``synthetic``) or a YAML file.
         overrides: ``data.key=value`` settings applied on top (Hydra/OmegaConf dot-list syntax).
+        output_dir: where a datamodule writes its files (``splits.json``…) during evaluation; it
+            stands in for the training run's ``${paths.output_dir}``, which Hydra resolved at run time.
     """
     root = OmegaConf.create({"seed": 0}) if run.config is None else run.config.copy()
+    root.paths = {"output_dir": str(output_dir or run.folder or run.checkpoint.parent)}
     if data is not None:
         root.data = _load_data_option(data)
     if root.get("data") is None:
