@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import DVF2DDF
 from monai.networks.nets import VoxelMorphUNet
 from torch import nn
 
+from ..errors import ConfigError
 from .adapter import Backbone
 
 
@@ -18,6 +22,35 @@ def _init_flow_head(net: nn.Module, std: float = 1e-5) -> None:
         nn.init.zeros_(last.bias)
 
 
+def _resize_field(field: torch.Tensor, size: Sequence[int], factor: float) -> torch.Tensor:
+    """A displacement or velocity field ``(B, ndim, *spatial)`` resampled to ``size``, in the new grid's voxels."""
+    mode = "bilinear" if field.ndim == 4 else "trilinear"
+    return F.interpolate(field, size=tuple(size), mode=mode, align_corners=True) * factor
+
+
+class HalfResolutionFlow(nn.Module):
+    """VoxelMorph's ``int_downsize=2``: integrate the velocity at half resolution, then upsample.
+
+    Wraps a network mapping the concatenated pair ``(B, 2C, *spatial)`` to a velocity field
+    ``(B, ndim, *spatial)`` in voxels. The velocity is resampled to half size (its values
+    halved, to half-grid voxels), integrated by scaling and squaring (MONAI ``DVF2DDF``),
+    and the displacement resampled back (values doubled). Returns the displacement
+    ``(B, ndim, *spatial)`` in full-resolution voxels. Spatial sizes must be even.
+    """
+
+    def __init__(self, net: nn.Module, integration_steps: int = 7) -> None:
+        super().__init__()
+        self.net = net
+        self.integrate = DVF2DDF(num_steps=integration_steps)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        velocity = self.net(pair)
+        full = velocity.shape[2:]
+        half = [s // 2 for s in full]
+        ddf_half = self.integrate(_resize_field(velocity, half, 0.5))
+        return _resize_field(ddf_half, full, 2.0)
+
+
 def voxelmorph(
     spatial_dims: int = 2,
     in_channels: int = 1,
@@ -25,18 +58,29 @@ def voxelmorph(
     unet_out_channels: int = 32,
     final_conv_channels: Sequence[int] = (16, 16),
     integration_steps: int = 7,
+    half_resolution: bool = False,
 ) -> Backbone:
     """VoxelMorph (Balakrishnan et al., TMI 2019): a U-Net predicting a velocity field.
 
     The defaults are the VoxelMorph paper's widths (encoder 16, 32, 32, 32; decoder
     32, 32, 32, 32, 32, 16, 16) in MONAI's ``VoxelMorphUNet`` parameterisation, and
     ``integration_steps=7`` of scaling and squaring (0 predicts the displacement directly).
+    ``half_resolution=True`` integrates the velocity on a half-size grid, as VoxelMorph's
+    ``int_downsize=2`` (its 3D default). MONAI's ``VoxelMorph(half_res=True)`` is not used: it
+    scales the velocity by 2 before integrating and by 1/2 after, the inverse of the grid
+    change, and interpolates trilinearly only (3D).
 
     Returns:
         a :class:`Backbone` taking ``(moving, fixed)`` ``(B, in_channels, *spatial)``
         and returning the displacement ``(B, spatial_dims, *spatial)`` in voxels.
         Spatial sizes must divide by 16.
     """
+    if half_resolution and integration_steps <= 0:
+        raise ConfigError(
+            "half_resolution",
+            "integrates the velocity on a half-size grid, but integration_steps is 0 (no integration).",
+            "Set integration_steps to a positive number (7 in VoxelMorph) or half_resolution=false.",
+        )
     unet = VoxelMorphUNet(
         spatial_dims=spatial_dims,
         in_channels=2 * in_channels,
@@ -45,6 +89,14 @@ def voxelmorph(
         final_conv_channels=tuple(final_conv_channels),
     )
     _init_flow_head(unet)
+    if half_resolution:
+        return Backbone(
+            HalfResolutionFlow(unet, integration_steps),
+            inputs="concat",
+            output="ddf",
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+        )
     return Backbone(
         unet,
         inputs="concat",
@@ -55,4 +107,4 @@ def voxelmorph(
     )
 
 
-__all__ = ["voxelmorph"]
+__all__ = ["HalfResolutionFlow", "voxelmorph"]
