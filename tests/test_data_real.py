@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.data import NibabelReader
+from monai.data import MetaTensor, NibabelReader
 
 from adacs_lightning.data import (
     ACDCDataModule,
@@ -16,7 +18,9 @@ from adacs_lightning.data import (
     FolderDataModule,
     OASISDataModule,
     SimpleITKReader,
+    SkippedCaseWarning,
 )
+from adacs_lightning.data.transforms import spacing_of
 
 from .conftest import adacs_train
 from .test_data_fakes import (
@@ -153,6 +157,28 @@ def test_camus_image_quality_filter(tmp_path):
     assert all(u.endswith("_4CH") for u in views.units)
 
 
+def test_camus_split_covers_only_patients_with_a_usable_view(tmp_path):
+    root = make_camus_mhd(tmp_path / "camus", patients=range(1, 7))
+    for folder in (make_camus_mhd(tmp_path / "first_release_testing", patients=range(7, 10)) / "training").iterdir():
+        for label in folder.glob("*_gt.*"):  # the first release's testing/ patients come without labels
+            label.unlink()
+        (root / "testing").mkdir(exist_ok=True)
+        folder.rename(root / "testing" / folder.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SkippedCaseWarning)  # left out quietly, not as damaged cases
+        catalog = CAMUSDataModule(str(root), val_fraction=0.2, test_fraction=0.2).discover()
+    assert sorted(sum(catalog.groups.values(), [])) == [f"patient{p:04d}" for p in range(1, 7)]
+    assert [len(catalog.groups[s]) for s in ("train", "val", "test")] == [4, 1, 1]
+    assert all(len(catalog.pairs[s]) == 2 * len(catalog.groups[s]) for s in catalog.groups) and not catalog.bad
+    images_only = CAMUSDataModule(str(root), use_labels=False, val_fraction=0.2, test_fraction=0.2).discover()
+    assert len(sum(images_only.groups.values(), [])) == 9  # without labels the testing/ patients are usable
+    poor = {(1, "2CH"): "Poor", (1, "4CH"): "Poor"}
+    filtered = make_camus_nifti(tmp_path / "quality", patients=range(1, 7), qualities=poor)
+    catalog = CAMUSDataModule(str(filtered), image_quality=["Good"], val_fraction=0.2, test_fraction=0.2).discover()
+    assert "patient0001" not in sum(catalog.groups.values(), [])
+    assert all(len(catalog.pairs[s]) == 2 * len(catalog.groups[s]) for s in catalog.groups)
+
+
 # ---------------------------------------------------------------------------- OASIS
 def test_oasis_json_pairs_moving_to_fixed(tmp_path):
     root = make_oasis(tmp_path)
@@ -205,6 +231,42 @@ def test_folder_3d_without_split_column_is_deterministic(tmp_path):
         runs.append([i["meta"]["case_id"] for i in dm.datasets["train"]])
         check_contract(dm.datasets["val"][0], (16, 16, 16))
     assert runs[0] == runs[1] and len(runs[0]) == 4
+
+
+def _test_pair_csv(root, source: tuple, target: tuple) -> str:
+    """A CSV with one test pair; ``source``/``target`` are ``(array, affine)``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, (array, affine) in (("source", source), ("target", target)):
+        nib.save(nib.Nifti1Image(np.asarray(array, np.float32), affine), str(root / f"{name}.nii.gz"))
+    (root / "pairs.csv").write_text("source,target,split\nsource.nii.gz,target.nii.gz,test\n")
+    return str(root / "pairs.csv")
+
+
+def test_folder_resize_scales_the_spacing_of_the_image_it_was_read_from(tmp_path):
+    # One 32 × 24 mm field of view: the source at 2 mm (16 × 12), the target at 1 mm (32 × 24).
+    coarse, fine = np.random.default_rng(0).random((16, 12)), np.random.default_rng(1).random((32, 24))
+    csv_path = _test_pair_csv(tmp_path, (coarse, np.diag([2.0, 2.0, 1.0, 1.0])), (fine, np.eye(4)))
+    dm = FolderDataModule(csv_path, image_size=(16, 12), resize=True)
+    dm.setup("test")
+    (item,) = list(dm.datasets["test"])
+    assert item["source"].shape == item["target"].shape == (1, 16, 12)
+    torch.testing.assert_close(item["meta"]["spacing"], torch.tensor([2.0, 2.0]))  # the target's 1 mm × 32/16
+
+
+def test_spacing_of_an_oblique_2d_slice_keeps_the_through_plane_part(tmp_path):
+    oblique = np.eye(4)
+    oblique[:3, 0] = [1.2, 0.0, 1.6]  # axis 0 runs obliquely through z: 2 mm per voxel
+    oblique[:3, 1] = [0.0, 1.5, 0.0]
+    image = MetaTensor(torch.zeros(1, 8, 6), affine=torch.as_tensor(oblique))
+    np.testing.assert_allclose(spacing_of(image), [2.0, 1.5])
+    np.testing.assert_allclose(
+        spacing_of(MetaTensor(torch.zeros(1, 4, 4, 4), affine=torch.diag(torch.tensor([1.0, 2.0, 3.0, 1.0])))),
+        [1.0, 2.0, 3.0],
+    )
+    array = np.random.default_rng(0).random((8, 6))
+    dm = FolderDataModule(_test_pair_csv(tmp_path, (array, oblique), (array, oblique)))
+    dm.setup("test")
+    torch.testing.assert_close(dm.datasets["test"][0]["meta"]["spacing"], torch.tensor([2.0, 1.5]))
 
 
 def test_simpleitk_reader_matches_nibabel_index_order(tmp_path):

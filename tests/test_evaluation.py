@@ -250,3 +250,114 @@ def test_data_key_ignores_loading_settings_but_not_the_pairs():
     same = {**base, "batch_size": 2, "num_workers": 4, "output_dir": "/elsewhere", "cache_workers": 3}
     assert data_key(base) == data_key(same)
     assert data_key(base) != data_key({**base, "seed": 1})
+
+
+def _blobs(seed: int, shape=(2, 1, 20, 24)) -> torch.Tensor:
+    """Label maps with values 0–3 as smoothed random blobs (ragged surfaces, several components)."""
+    noise = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    smooth = torch.nn.functional.avg_pool2d(noise, 5, stride=1, padding=2)
+    return torch.bucketize(smooth, torch.tensor([0.45, 0.5, 0.55]))
+
+
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")  # inside MONAI
+def test_surface_distances_equal_monai_with_one_edge_pass_per_sample_and_label(monkeypatch):
+    import monai.metrics.utils as monai_utils
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from monai.networks.utils import one_hot
+
+    prediction, reference = _blobs(0), _blobs(1)
+    labels, spacing = [1, 3], torch.tensor([[2.0, 0.5], [1.0, 1.5]])
+    calls = []
+    original = monai_utils.get_mask_edges
+    monkeypatch.setattr(monai_utils, "get_mask_edges", lambda *a, **k: calls.append(1) or original(*a, **k))
+    distances = surface_distances_per_label(prediction, reference, labels, spacing=spacing)
+    assert len(calls) == 2 * len(labels)  # one edge/distance pass serves HD95, HD and ASD
+    monkeypatch.setattr(monai_utils, "get_mask_edges", original)
+    pred, ref = one_hot(prediction, 4)[:, labels], one_hot(reference, 4)[:, labels]
+    per_sample = spacing.tolist()
+    expected = {
+        "hd95": compute_hausdorff_distance(pred, ref, include_background=True, percentile=95, spacing=per_sample),
+        "hd": compute_hausdorff_distance(pred, ref, include_background=True, spacing=per_sample),
+        "asd": compute_average_surface_distance(pred, ref, include_background=True, symmetric=True, spacing=per_sample),
+    }
+    for name, value in expected.items():
+        assert distances[name].shape == (2, 2)
+        torch.testing.assert_close(distances[name], value.float(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _case_rows(method: str, seed: int, values: list[float], data: str = "k") -> list[dict]:
+    """Rows as evaluate_run writes them: every metric of case c<i> is values[i]."""
+    head = {"run": f"vm/{method}/seed{seed}", "backbone": "vm", "method": method, "seed": seed, "data": data}
+    metrics = ("dice", "hd95", "hd", "asd", "folding_pct", "time_ms")
+    return [{**head, "case_id": f"c{i}", **dict.fromkeys(metrics, v)} for i, v in enumerate(values)]
+
+
+def test_seeds_on_one_test_set_are_averaged_per_case_before_pairing():
+    from adacs_lightning.evaluation.report import compare, comparison_markdown
+
+    baseline = {0: [0.60, 0.70, 0.80, 0.65], 1: [0.62, 0.68, 0.84, 0.61], 2: [0.58, 0.75, 0.79, 0.66]}
+    adacs = {0: [0.66, 0.71, 0.86, 0.70], 1: [0.64, 0.74, 0.85, 0.69], 2: [0.69, 0.73, 0.88, 0.64]}
+    rows = [r for seed, v in baseline.items() for r in _case_rows("baseline", seed, v)]
+    rows += [r for seed, v in adacs.items() for r in _case_rows("adacs", seed, v)]
+    table, tests = compare(rows)  # three training seeds, one fixed test set of four cases
+    a, b = np.mean(list(baseline.values()), axis=0), np.mean(list(adacs.values()), axis=0)
+    assert [(r["method"], r["runs"], r["n"]) for r in table] == [("baseline", 3, 4), ("adacs", 3, 4)]
+    assert table[1]["dice_mean"] == pytest.approx(b.mean()) and table[1]["dice_std"] == pytest.approx(b.std(ddof=1))
+    dice = next(t for t in tests if t["metric"] == "dice")
+    assert dice["n"] == 4 and dice["mean_difference"] == pytest.approx((b - a).mean())
+    assert dice["t_pvalue"] == pytest.approx(stats.ttest_rel(b, a).pvalue)
+    markdown = comparison_markdown(table, tests)
+    assert "n = 4 distinct test cases" in markdown and "averaged over those runs" in markdown
+    with pytest.raises(Exception, match="seed 1"):  # the same run given twice
+        compare(rows + _case_rows("adacs", 1, adacs[1]))
+
+
+def test_a_sweep_of_training_seeds_on_fixed_data_pairs_distinct_cases(tmp_path):
+    runs = [
+        make_run_folder(tmp_path / f"{method}{seed}", method=method, seed=seed)
+        for method in ("baseline", "adacs")
+        for seed in (0, 1)
+    ]
+    evaluate_cli.run([str(r) for r in runs] + ["data.seed=0", "-o", str(tmp_path / "out"), "--figures", "0"])
+    cases = read_csv(tmp_path / "out" / "cases.csv")
+    assert len(cases) == 16 and len({c["data"] for c in cases}) == 1  # 2 methods × 2 seeds × 4 cases
+    tests = read_csv(tmp_path / "out" / "paired_tests.csv")
+    assert {t["n"] for t in tests if t["metric"] == "dice"} == {4}
+    table = read_csv(tmp_path / "out" / "comparison.csv")
+    assert [(r["method"], r["runs"], r["n"]) for r in table] == [("baseline", 2, 4), ("adacs", 2, 4)]
+    assert len([c for c in cases if c["method"] == "adacs" and c["case_id"] == cases[0]["case_id"]]) == 2
+
+
+def test_data_key_of_the_test_split_ignores_other_splits_and_the_split_seed_of_files():
+    from adacs_lightning.evaluation.runs import data_key
+
+    synthetic = {"_target_": "adacs_lightning.data.SyntheticDataModule", "seed": 0, "test_pairs": 4}
+    assert data_key(synthetic) == data_key({**synthetic, "train_pairs": 8, "val_pairs": 2})
+    assert data_key(synthetic) != data_key({**synthetic, "test_pairs": 8})
+    assert data_key(synthetic, "val") != data_key({**synthetic, "val_pairs": 2}, "val")
+    assert data_key(synthetic) != data_key({**synthetic, "seed": 1})  # the seed draws the images
+    acdc = {"_target_": "adacs_lightning.data.ACDCDataModule", "root": "/data/acdc", "seed": 0, "intensity": "minmax"}
+    assert data_key(acdc) == data_key({**acdc, "seed": 1})  # the seed only picks which patients are tested
+    assert data_key(acdc) != data_key({**acdc, "intensity": "percentile"})
+
+
+def test_method_is_read_from_the_checkpoint_and_from_older_files(tmp_path):
+    from adacs_lightning.checkpoint import METHOD_KEY, save_backbone
+    from adacs_lightning.evaluation.runs import resolve_run
+
+    from .conftest import tiny_model
+
+    for scoring, name in ((True, "adacs"), (False, "baseline")):
+        stored: dict = {}
+        tiny_model(scoring=scoring).on_save_checkpoint(stored)
+        assert stored[METHOD_KEY] == name
+        old = tmp_path / f"{name}.ckpt"  # written without the method entry: told by its networks
+        save_tiny_checkpoint(old, scoring=scoring)
+        assert resolve_run(old).method == name
+        exported = save_backbone(old, tmp_path / f"{name}_backbone.pt")
+        assert torch.load(exported, weights_only=False)[METHOD_KEY] == name
+        assert resolve_run(exported).method == name  # no run folder, no scorer: the stored name
+    bare = torch.load(tmp_path / "adacs_backbone.pt", weights_only=False)
+    del bare[METHOD_KEY]
+    torch.save(bare, tmp_path / "old_backbone.pt")
+    assert resolve_run(tmp_path / "old_backbone.pt").method == "unknown"  # not guessed as baseline

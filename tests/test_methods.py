@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from adacs_lightning.checkpoint import load_backbone
+from adacs_lightning.checkpoint import METHOD_KEY, load_backbone, method_of, save_backbone
+from adacs_lightning.evaluation.runs import resolve_run
 from adacs_lightning.losses import beta_nll, gaussian_nll
 from adacs_lightning.schedule import Phase
 from adacs_lightning.variance import LogVarianceNetwork, VarianceWeighted
@@ -107,6 +108,31 @@ def test_variance_weighted_checkpoint_round_trip(tmp_path):
     restored = VarianceWeighted.load_from_checkpoint(path, backbone=tiny_backbone())
     assert restored.hparams.beta_nll == 0.5 and "alpha" not in restored.hparams
     torch.testing.assert_close(_parameters(restored), _parameters(model))
+    # adacs-eval names the method from the file alone: the checkpoint, and the exported backbone.
+    assert resolve_run(path).method == "beta_nll"
+    assert resolve_run(save_backbone(path, tmp_path / "backbone.pt")).method == "beta_nll"
+
+
+def test_checkpoints_name_their_method_and_older_ones_are_told_by_their_networks(tmp_path):
+    for beta, name in ((0.0, "nll"), (0.5, "beta_nll")):
+        model = VarianceWeighted(tiny_backbone(), LogVarianceNetwork(2, channels=(4, 8, 8, 8)), beta_nll=beta)
+        stored = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+        model.on_save_checkpoint(stored)
+        assert stored[METHOD_KEY] == name and method_of(stored) == name
+        del stored[METHOD_KEY]  # a file written before checkpoints named their method
+        assert method_of(stored) == name
+        path = tmp_path / f"{name}.ckpt"
+        torch.save(stored, path)
+        assert resolve_run(path).method == name
+        assert torch.load(save_backbone(path, tmp_path / f"{name}.pt"), weights_only=False)[METHOD_KEY] == name
+
+
+def test_variance_network_follows_channels_last():
+    model = VarianceWeighted(tiny_backbone(), LogVarianceNetwork(2, channels=(4, 8, 8, 8)), channels_last=True)
+    model.configure_model()
+    weights = [p for p in model.variance.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] > 1]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert not any(w.is_contiguous() for w in weights)
 
 
 @pytest.mark.slow

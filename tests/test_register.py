@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import yaml
 from monai.networks.blocks import Warp
 
 from adacs_lightning.checkpoint import load_backbone, save_backbone
 from adacs_lightning.cli import register as register_cli
+from adacs_lightning.errors import AdaCSError
+from adacs_lightning.evaluation.inference import scale_to_unit
 from adacs_lightning.evaluation.io import NIFTI_INTENT_VECTOR, read_displacement
 from adacs_lightning.scoring import ScoringNetwork
 from adacs_lightning.variance import LogVarianceNetwork
@@ -137,3 +142,50 @@ def test_clear_errors(checkpoint, pair, tmp_path, capsys):
 def test_console_script_help(tmp_path):
     result = run_command([str(BIN / "adacs-register"), "--help"], tmp_path)
     assert result.returncode == 0 and "--source-labels" in result.stdout
+
+
+def _run_folder(folder, data: dict):
+    """A run folder of adacs-train with ``data`` as its data config."""
+    save_tiny_checkpoint(folder / "checkpoints" / "best-epoch000.ckpt", scoring=True)
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "data": data}))
+    return folder
+
+
+def test_register_scales_intensities_as_the_run_was_trained(checkpoint, tmp_path):
+    bright = _phantom(offset=2.0)
+    bright[0, 0] = 1e4  # one very bright voxel: min-max and percentile scaling differ
+    source, target = tmp_path / "source.nii.gz", tmp_path / "target.nii.gz"
+    nib.save(nib.Nifti1Image(bright, np.eye(4)), str(source))
+    nib.save(nib.Nifti1Image(_phantom(seed=1), np.eye(4)), str(target))
+    acdc = {"_target_": "adacs_lightning.data.ACDCDataModule", "root": "/data/acdc", "intensity": "percentile"}
+    run = _run_folder(tmp_path / "run", acdc)
+
+    outputs = itertools.count()
+
+    def displacement(model, *options):
+        out = tmp_path / "out" / str(next(outputs))
+        files = register_cli.run(
+            ["--model", str(model), "--source", str(source), "--target", str(target), "--out", str(out), *options]
+        )
+        return read_displacement(files["displacement"])
+
+    trained = displacement(run)  # data.intensity of the run: percentile
+    np.testing.assert_allclose(trained, displacement(run / "checkpoints" / "best-epoch000.ckpt"))
+    np.testing.assert_allclose(trained, displacement(checkpoint, "--intensity", "percentile"))  # same weights
+    minmax = displacement(run, "--intensity", "minmax")  # the option wins over the run's setting
+    np.testing.assert_allclose(minmax, displacement(checkpoint))  # no run folder: min-max
+    assert not np.allclose(trained, minmax, atol=1e-3)
+    scaled = scale_to_unit(bright, "percentile")[0].numpy()
+    low, high = np.percentile(bright, [1, 99])
+    np.testing.assert_allclose(scaled, np.clip((bright - low) / (high - low), 0, 1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(AdaCSError, match="--no-scale"):
+        displacement(run, "--no-scale", "--intensity", "minmax")
+
+
+def test_training_intensity_falls_back_to_the_data_module_default(tmp_path):
+    unset = _run_folder(tmp_path / "acdc", {"_target_": "adacs_lightning.data.ACDCDataModule", "root": "/x"})
+    assert register_cli.training_intensity(unset) == "percentile"  # ACDCDataModule's default
+    synthetic = _run_folder(tmp_path / "synthetic", {"_target_": "adacs_lightning.data.SyntheticDataModule"})
+    assert register_cli.training_intensity(synthetic) is None  # generated in [0, 1]: min-max is used
+    assert register_cli.training_intensity(tmp_path / "model.ckpt") is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -11,6 +12,28 @@ from .backbones import Backbone, as_backbone
 from .errors import AdaCSError
 
 BACKBONE_CONFIG_KEY = "adacs_backbone_config"
+#: Checkpoint entry naming the training method: ``adacs``, ``baseline``, ``nll`` or ``beta_nll``.
+METHOD_KEY = "adacs_method"
+
+
+def method_of(checkpoint: dict[str, Any]) -> str | None:
+    """The training method a loaded checkpoint (or ``backbone.pt``) was written by; None when it cannot tell.
+
+    Read from :data:`METHOD_KEY`; for files written before that entry, from the state dict's
+    networks (a ``variance`` network: NLL or β-NLL by the ``beta_nll`` hyper-parameter; a
+    ``scorer``: AdaCS) or the ``scoring`` hyper-parameter.
+    """
+    if checkpoint.get(METHOD_KEY):
+        return str(checkpoint[METHOD_KEY])
+    hparams = checkpoint.get("hyper_parameters") or {}
+    keys = checkpoint.get("state_dict") or {}
+    if any(k.startswith("variance.") for k in keys):
+        return "nll" if float(hparams.get("beta_nll", 0.0)) == 0.0 else "beta_nll"
+    if any(k.startswith("scorer.") for k in keys):
+        return "adacs"
+    if "scoring" in hparams:
+        return "adacs" if hparams["scoring"] else "baseline"
+    return None
 
 
 def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") -> Backbone:
@@ -45,13 +68,14 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") ->
 def save_backbone(checkpoint_path: str | Path, output_path: str | Path) -> Path:
     """Write the backbone part of an ``adacs-train`` checkpoint to ``output_path``.
 
-    The file keeps the backbone's weights and config only (no scorer, no optimiser
-    state) and is read back by :func:`load_backbone` like a checkpoint.
+    The file keeps the backbone's weights and config and the name of the method that trained
+    it (no scorer, no optimiser state) and is read back by :func:`load_backbone` like a checkpoint.
     """
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     backbone_only = {
         "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")},
         BACKBONE_CONFIG_KEY: checkpoint.get(BACKBONE_CONFIG_KEY),
+        METHOD_KEY: method_of(checkpoint),
     }
     output_path = Path(output_path)
     torch.save(backbone_only, output_path)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Sequence
 
 import torch
-from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_dice
+from monai.metrics.utils import get_edge_surface_distance, prepare_spacing
 from monai.networks.utils import one_hot
 
 Tensor = torch.Tensor
@@ -71,8 +73,11 @@ def surface_distances_per_label(
 ) -> dict[str, Tensor]:
     """Hausdorff distances and average surface distance of integer label maps, per sample and label, in mm.
 
-    MONAI's ``compute_hausdorff_distance`` (symmetric; the ``percentile``-th and the maximum)
-    and ``compute_average_surface_distance`` (symmetric: the mean over both surfaces' points).
+    As MONAI's ``compute_hausdorff_distance`` (symmetric; the ``percentile``-th and the maximum)
+    and ``compute_average_surface_distance`` (symmetric: the mean over both surfaces' points),
+    from one call of MONAI's ``get_edge_surface_distance`` per sample and label: the binary
+    masks of the requested labels are built one at a time and their edge distances are computed
+    once for all three measures.
 
     Args:
         prediction, reference: ``(B, 1, *spatial)`` integer labels.
@@ -82,25 +87,30 @@ def surface_distances_per_label(
 
     Returns:
         ``{"hd95": …, "hd": …, "asd": …}`` (the first key follows ``percentile``), each
-        ``(B, len(labels))``; NaN where a label is missing from either map.
+        ``(B, len(labels))`` float32; NaN where a label is missing from either map.
     """
-    num_classes = int(max(max(labels), prediction.max().item(), reference.max().item())) + 1
-    pred = one_hot(prediction.long(), num_classes)[:, list(labels)]
-    ref = one_hot(reference.long(), num_classes)[:, list(labels)]
+    if not 0.0 <= percentile <= 100.0:
+        raise ValueError(f"percentile must lie in [0, 100], got {percentile}")
+    batch, ndim = prediction.shape[0], prediction.ndim - 2
     per_sample = None
     if spacing is not None:
         spacing = torch.as_tensor(spacing, dtype=torch.float64)
-        spacing = spacing.expand(pred.shape[0], pred.ndim - 2) if spacing.ndim == 1 else spacing
+        spacing = spacing.expand(batch, ndim) if spacing.ndim == 1 else spacing
         per_sample = [[float(v) for v in row] for row in spacing]
-    kwargs = dict(include_background=True, spacing=per_sample)
-    with warnings.catch_warnings():  # MONAI warns for empty maps; they become NaN below
-        warnings.simplefilter("ignore")
-        hd_p = compute_hausdorff_distance(pred, ref, percentile=percentile, **kwargs)
-        hd = compute_hausdorff_distance(pred, ref, **kwargs)
-        asd = compute_average_surface_distance(pred, ref, symmetric=True, **kwargs)
-    missing = (pred.flatten(2).sum(-1) == 0) | (ref.flatten(2).sum(-1) == 0)
+    spacings = prepare_spacing(spacing=per_sample, batch_size=batch, img_dim=ndim)
     key = f"hd{percentile:g}"
-    return {
-        name: torch.where(missing, torch.full_like(v, float("nan")), v).float()
-        for name, v in ((key, hd_p), ("hd", hd), ("asd", asd))
-    }
+    out = {name: torch.full((batch, len(labels)), float("nan")) for name in (key, "hd", "asd")}
+    for b, (j, label) in itertools.product(range(batch), enumerate(labels)):
+        pred, ref = prediction[b, 0] == label, reference[b, 0] == label
+        if not (pred.any() and ref.any()):
+            continue  # missing from a map: NaN
+        with warnings.catch_warnings():  # MONAI's own call of a deprecated argument of get_mask_edges
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+            _, distances, _ = get_edge_surface_distance(
+                pred, ref, spacing=spacings[b], symmetric=True, class_index=int(label), warn_empty=False
+            )
+        distances = [d.double() for d in distances]  # pred → ref, ref → pred
+        out[key][b, j] = max(torch.quantile(d, percentile / 100.0) for d in distances)
+        out["hd"][b, j] = max(d.max() for d in distances)
+        out["asd"][b, j] = torch.cat(distances).mean()
+    return out

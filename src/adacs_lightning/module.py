@@ -16,7 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from .backbones import Backbone, RegistrationOutput, as_backbone
-from .checkpoint import BACKBONE_CONFIG_KEY
+from .checkpoint import BACKBONE_CONFIG_KEY, METHOD_KEY
 from .errors import ConfigError, NonFiniteLossError
 from .losses import displacement_loss, masked_mean, scoring_loss, squared_residual
 from .metrics import dice_per_label, folding_percentage
@@ -171,6 +171,7 @@ class AdaCS(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.backbone_config is not None:
             checkpoint[BACKBONE_CONFIG_KEY] = self.backbone_config
+        checkpoint[METHOD_KEY] = "adacs" if self.scorer is not None else "baseline"
 
     def configure_model(self) -> None:
         """Memory format and compilation, once the module is on its device."""

@@ -19,6 +19,7 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
+from .checkpoint import METHOD_KEY
 from .errors import ConfigError
 from .losses import beta_nll, gradient_energy, masked_mean, squared_residual
 from .module import AdaCS
@@ -143,6 +144,19 @@ class VarianceWeighted(AdaCS):
         """
         weight = torch.exp((self.hparams.beta_nll - 1.0) * self.variance(target))
         return weight / weight.flatten(1).amax(1).clamp_min(1e-12).view(-1, *[1] * (weight.ndim - 1))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[METHOD_KEY] = "nll" if self.hparams.beta_nll == 0 else "beta_nll"
+
+    def configure_model(self) -> None:
+        """The parent's memory format and compilation, applied to the variance network too."""
+        super().configure_model()
+        if self.hparams.channels_last:
+            self.variance.to(memory_format=self._memory_format)
+        if self.hparams.compile and not getattr(self, "_variance_compiled", False):
+            self.variance.compile()
+            self._variance_compiled = True
 
     def configure_optimizers(self):
         variance_lr = self.hparams.variance_lr or self.hparams.lr

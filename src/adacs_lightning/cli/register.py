@@ -10,13 +10,17 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 from ..checkpoint import load_backbone
+from ..data.transforms import INTENSITY_MODES
 from ..errors import AdaCSError
 from ..evaluation.inference import register_arrays
 from ..evaluation.io import read_image, write_displacement, write_image
@@ -46,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--divisible", type=int, default=16, help="zero-pad each axis to a multiple of this for the network (1: off)"
     )
     parser.add_argument(
-        "--no-scale", action="store_true", help="feed intensities as they are (default: min-max scale to [0, 1])"
+        "--intensity",
+        choices=INTENSITY_MODES,
+        default=None,
+        help="scaling to [0, 1]: minmax or percentile (1st-99th, clipped); default: the run's data.intensity "
+        "when --model is (or lies in) a run folder, else minmax",
     )
+    parser.add_argument("--no-scale", action="store_true", help="feed intensities as they are (no scaling)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
@@ -57,8 +66,11 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
     args = build_parser().parse_args(argv)
     if args.divisible < 1:
         raise AdaCSError("--divisible must be at least 1.")
+    if args.no_scale and args.intensity:
+        raise AdaCSError("--no-scale and --intensity disagree: give one.")
     checkpoint = best_checkpoint(args.model) if args.model.is_dir() else args.model
     backbone = load_backbone(checkpoint, map_location="cpu")
+    scale = None if args.no_scale else args.intensity or training_intensity(args.model) or "minmax"
     source = read_image(args.source, backbone.spatial_dims)
     target = read_image(args.target, backbone.spatial_dims)
     labels = read_image(args.source_labels, backbone.spatial_dims).array if args.source_labels else None
@@ -68,7 +80,7 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
         source.array,
         target.array,
         labels if labels is None else np.rint(labels).astype(np.int32),
-        scale=not args.no_scale,
+        scale=scale,
         divisible=args.divisible,
         device=resolve_device(args.device),
     )
@@ -82,10 +94,32 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
         files["warped_labels"] = write_image(
             result.warped_labels, target.affine, out / f"{prefix}warped_labels.nii.gz", dtype=np.int32
         )
-    print(f"Registered {args.source} onto {args.target} in {seconds:.2f} s with {checkpoint}:")
+    scaling = "unscaled" if scale is None else f"{scale} intensity scaling"
+    print(f"Registered {args.source} onto {args.target} in {seconds:.2f} s with {checkpoint} ({scaling}):")
     for name, path in files.items():
         print(f"  {name}: {path}")
     return files
+
+
+def training_intensity(model: Path) -> str | None:
+    """The intensity scaling the model was trained with: ``data.intensity`` of its run folder (``model``
+    itself, or the folder a checkpoint lies in), else the data module's default; None without a run folder
+    or when its data module has no such setting (e.g. synthetic data, generated in [0, 1])."""
+    candidates = [model] if model.is_dir() else [model.parent, model.parent.parent]
+    folder = next((p for p in candidates if (p / ".hydra" / "config.yaml").is_file()), None)
+    if folder is None:
+        return None
+    data = OmegaConf.select(OmegaConf.load(folder / ".hydra" / "config.yaml"), "data")
+    if data is None:
+        return None
+    if "intensity" in data:
+        value = OmegaConf.select(data, "intensity", throw_on_resolution_failure=False)
+        return None if value is None else str(value)
+    try:  # the setting left out of the config: the data module's default
+        default = inspect.signature(get_class(str(data.get("_target_")))).parameters.get("intensity")
+    except Exception:  # not importable here
+        return None
+    return None if default is None or default.default is inspect.Parameter.empty else str(default.default)
 
 
 def main(argv: list[str] | None = None) -> None:

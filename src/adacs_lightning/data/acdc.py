@@ -225,7 +225,7 @@ class ACDCDataModule(FileDataModule):
                     keys,
                     pixdim=(self.spacing, self.spacing, 0.0),  # 0: keep the slice spacing
                     mode=["bilinear"] * len(images) + ["nearest"] * len(labels),
-                    padding_mode="border",
+                    padding_mode=["border"] * len(images) + ["zeros"] * len(labels),  # no label smeared outwards
                 ),
                 RecordSpacingd("ed"),
                 intensity(images, self.intensity),

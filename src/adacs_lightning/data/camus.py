@@ -122,6 +122,12 @@ class CAMUSDataModule(FileDataModule):
 
     # ------------------------------------------------------------------ discovery
     def discover(self) -> Catalog:
+        """Units first, then the split over the patients with at least one usable view.
+
+        Patients whose every view is unusable (a damaged file, filtered out by ``image_quality``,
+        or, with ``use_labels``, a ``testing/`` patient of the first release, which ships without
+        ``_gt`` files) are left out of the split, so that they do not shrink val/test.
+        """
         root = require_folder(self.root, what="the CAMUS folder (holding database_nifti/ or training/)")
         folders = []
         for parent in (root / "database_nifti", root / "training", root / "testing", root):
@@ -134,15 +140,15 @@ class CAMUSDataModule(FileDataModule):
                 "Point data.root at the CAMUS folder that holds database_nifti/ (NIfTI) or training/ (.mhd).",
             )
         patients = {p.name: p for p in folders}
-        groups = self._official_split(root, patients)
-        if groups is None:
-            groups = split_ids(sorted(patients), self.seed, self.val_fraction, self.test_fraction)
         units: dict[str, Unit] = {}
         bad: list[BadCase] = []
-        excluded = 0
+        excluded, unlabelled = 0, set()
         for name, folder in sorted(patients.items()):
             for view in self.views:
                 unit_id = f"{name}_{view}"
+                if self.use_labels and folder.parent.name == "testing" and not _has_ground_truth(folder, view):
+                    unlabelled.add(name)  # the first release's testing/ patients come without labels
+                    continue
                 try:
                     unit = self._unit(folder, view)
                 except DataError as error:
@@ -154,6 +160,12 @@ class CAMUSDataModule(FileDataModule):
                     units[unit_id] = unit
         if excluded:
             log.info("CAMUS: %d view(s) left out by data.image_quality=%s", excluded, self.qualities)
+        if unlabelled:
+            log.info("CAMUS: %d testing/ patient(s) have no ground truth and are left out", len(unlabelled))
+        usable = sorted({unit_id.rsplit("_", 1)[0] for unit_id in units})
+        groups = self._official_split(root, usable)
+        if groups is None:
+            groups = split_ids(usable, self.seed, self.val_fraction, self.test_fraction)
         pairs = {
             split: [
                 PairSpec(f"{pid}_{view}", (f"{pid}_{view}", "ed"), (f"{pid}_{view}", "es"))
@@ -165,15 +177,16 @@ class CAMUSDataModule(FileDataModule):
         }
         return Catalog(units, pairs, groups, bad)
 
-    def _official_split(self, root: Path, patients: dict[str, Path]) -> dict[str, list[str]] | None:
+    def _official_split(self, root: Path, patients: Sequence[str]) -> dict[str, list[str]] | None:
+        """The official split restricted to ``patients``; None without ``database_split/``."""
         folder = next((f for f in (root / "database_split", root.parent / "database_split") if f.is_dir()), None)
         if folder is None or not all((folder / name).is_file() for name in _SPLIT_FILES.values()):
             return None
-        groups = {}
+        groups, known = {}, set(patients)
         for split, name in _SPLIT_FILES.items():
             tokens = re.findall(r"\d+", (folder / name).read_text())
             ids = [f"patient{int(t):04d}" for t in tokens]
-            groups[split] = sorted(i for i in ids if i in patients)
+            groups[split] = sorted(i for i in ids if i in known)
         log.info("CAMUS: official split from %s", folder)
         return groups
 
@@ -235,7 +248,12 @@ class CAMUSDataModule(FileDataModule):
                 Transposed(keys, indices=(0, 2, 1)),  # (W, H) as stored → (H: depth, W: lateral)
                 intensity(images, "minmax"),
                 SectorMaskd(images, "mask", self.sector_threshold, self.sector_closing),
-                ResizeSpacingd(images, labels + ["mask"], self.image_size),
+                ResizeSpacingd(images, labels + ["mask"], self.image_size, spacing_key="ed"),
                 Finalised(images, labels, ["mask"], apply_mask="mask"),
             ]
         )
+
+
+def _has_ground_truth(folder: Path, view: str) -> bool:
+    """Whether a patient folder holds any ``_gt`` label file of ``view``."""
+    return any(folder.glob(f"{folder.name}_{view}_*_gt.*"))

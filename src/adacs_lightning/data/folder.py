@@ -203,7 +203,7 @@ class FolderDataModule(FileDataModule):
             steps.append(Spacingd(keys, pixdim=self.spacing, mode=modes, allow_missing_keys=True))
         steps += [RecordSpacingd("target"), intensity(images, self.intensity)]
         if self.image_size and self.resize:
-            steps.append(ResizeSpacingd(images, labels + masks, self.image_size))
+            steps.append(ResizeSpacingd(images, labels + masks, self.image_size, spacing_key="target"))
         elif self.image_size:
             steps.append(ResizeWithPadOrCropd(keys, spatial_size=self.image_size, allow_missing_keys=True))
         steps += [

@@ -37,12 +37,16 @@ def file_of(image: Any, fallback: str = "<image>") -> str:
 
 
 def spacing_of(image: torch.Tensor) -> np.ndarray:
-    """Voxel spacing (mm per voxel, one value per spatial axis) from a ``MetaTensor``'s affine; 1 without one."""
+    """Voxel spacing (mm per voxel, one value per spatial axis) from a ``MetaTensor``'s affine; 1 without one.
+
+    The spacing of axis ``i`` is the length of the affine's column ``i`` over every world axis,
+    so that a 2D slice with a 4×4 affine (an oblique plane in 3D) keeps its through-plane part.
+    """
     ndim = image.ndim - 1
     affine = getattr(image, "affine", None)
     if affine is None:
         return np.ones(ndim)
-    matrix = np.asarray(affine, dtype=np.float64)[:ndim, :ndim]
+    matrix = np.asarray(affine, dtype=np.float64)[:-1, :ndim]
     return np.linalg.norm(matrix, axis=0)
 
 
@@ -150,19 +154,26 @@ class RecordSpacingd(MapTransform):
 
 class ResizeSpacingd(MapTransform):
     """Resize images (bilinear, anti-aliased) and label maps/masks (nearest) to ``size``; ``data["spacing"]``
-    is scaled so that it still gives mm per voxel (the field of view is unchanged)."""
+    is scaled so that it still gives mm per voxel (the field of view is unchanged).
 
-    def __init__(self, image_keys: Sequence[str], nearest_keys: Sequence[str], size: Sequence[int]) -> None:
+    ``spacing_key`` names the image whose spacing :class:`RecordSpacingd` recorded: its shape before
+    resizing sets the scale (other keys may have had another size).
+    """
+
+    def __init__(
+        self, image_keys: Sequence[str], nearest_keys: Sequence[str], size: Sequence[int], *, spacing_key: str
+    ) -> None:
         super().__init__(list(image_keys) + list(nearest_keys), allow_missing_keys=True)
         self.size = [int(s) for s in size]
         self.image = Resize(self.size, mode="bilinear", anti_aliasing=True)
         self.nearest = Resize(self.size, mode="nearest-exact")
         self.image_keys = list(image_keys)
+        self.spacing_key = spacing_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         out = dict(data)
         keys = list(self.key_iterator(out))
-        old = np.asarray(out[keys[0]].shape[1:], dtype=np.float64)
+        old = np.asarray(out[self.spacing_key].shape[1:], dtype=np.float64)
         for key in keys:
             out[key] = (self.image if key in self.image_keys else self.nearest)(out[key])
         out["spacing"] = np.asarray(out["spacing"]) * old / np.asarray(self.size, dtype=np.float64)

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.networks.blocks import Warp
-from monai.transforms import DivisiblePad, ScaleIntensity
+from monai.transforms import DivisiblePad
 from monai.utils import convert_to_tensor
 
 from ..backbones import Backbone
+from ..data.transforms import INTENSITY_MODES, intensity
 from ..errors import AdaCSError
 
 Tensor = torch.Tensor
@@ -30,10 +31,15 @@ class Registration:
     warped_labels: np.ndarray | None = None
 
 
-def scale_to_unit(array: np.ndarray) -> Tensor:
-    """``(1, *spatial)`` float tensor with intensities min-max scaled to [0, 1], as the training data."""
-    scaled = ScaleIntensity(minv=0.0, maxv=1.0)(torch.as_tensor(array, dtype=torch.float32)[None])
-    return convert_to_tensor(scaled, track_meta=False)
+def scale_to_unit(array: np.ndarray, mode: str = "minmax") -> Tensor:
+    """``(1, *spatial)`` float tensor scaled to [0, 1] as the training data: ``mode`` is ``minmax``
+    (the image's min and max) or ``percentile`` (its 1st–99th percentiles, clipped), the ``data.intensity``
+    settings of the data modules."""
+    if mode not in INTENSITY_MODES:
+        raise AdaCSError(f"Intensity scaling must be one of {INTENSITY_MODES}, got {mode!r}.")
+    image = torch.as_tensor(array, dtype=torch.float32)[None]
+    scaled = intensity(["image"], mode)({"image": image})["image"]
+    return convert_to_tensor(scaled, track_meta=False).float()
 
 
 @torch.no_grad()
@@ -42,13 +48,14 @@ def register_arrays(
     source: np.ndarray,
     target: np.ndarray,
     source_labels: np.ndarray | None = None,
-    scale: bool = True,
+    scale: str | None = "minmax",
     divisible: int = 16,
     device: str | torch.device = "cpu",
 ) -> Registration:
     """Register ``source`` onto ``target`` (both ``(*spatial)``) with the backbone alone.
 
-    The network sees both images scaled to [0, 1] (``scale=False`` uses them as they are) and,
+    The network sees both images scaled to [0, 1] by ``scale`` (``minmax`` or ``percentile``, see
+    :func:`scale_to_unit`; None uses them as they are) and,
     when ``divisible > 1``, zero-padded symmetrically to a multiple of ``divisible`` per axis
     (U-Net backbones need sizes that divide by their total down-sampling, 16 for VoxelMorph);
     the displacement is cropped back to the input's shape.
@@ -62,8 +69,10 @@ def register_arrays(
     if backbone.in_channels != 1:
         raise AdaCSError(f"The network takes {backbone.in_channels}-channel images; these are scalar images.")
     device = torch.device(device)
-    moving = scale_to_unit(source) if scale else torch.as_tensor(source, dtype=torch.float32)[None]
-    fixed = scale_to_unit(target) if scale else torch.as_tensor(target, dtype=torch.float32)[None]
+    moving, fixed = (
+        scale_to_unit(image, scale) if scale else torch.as_tensor(image, dtype=torch.float32)[None]
+        for image in (source, target)
+    )
     pad = DivisiblePad(k=max(divisible, 1), mode="constant")
     padded_moving, padded_fixed = (convert_to_tensor(pad(image), track_meta=False) for image in (moving, fixed))
     try:

@@ -83,7 +83,13 @@ def evaluate_run(
         pairs = iter([first, *pairs])
     names = dict(getattr(datamodule, "label_names", None) or {})
     evaluator = CaseEvaluator(load_backbone(run.checkpoint, map_location="cpu"), labels, names, device)
-    head = {"run": run.label, "backbone": run.backbone, "method": run.method, "seed": run.seed, "data": data_key(data)}
+    head = {
+        "run": run.label,
+        "backbone": run.backbone,
+        "method": run.method,
+        "seed": run.seed,
+        "data": data_key(data, split),
+    }
     figure_model = _figure_model(run, evaluator.backbone) if figures > 0 else None
     rows = []
     for index, pair in enumerate(islice(pairs, max_cases)):
@@ -153,36 +159,46 @@ def summarise(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def compare(cases: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The paper's table (one row per backbone × method, pooled over runs) and paired tests.
+    """The paper's table (one row per backbone × method) and paired tests, over distinct cases.
 
-    Cases pair by ``(data key, case id)``. Within each backbone every method is compared with
-    ``baseline`` (or, without one, the backbone's first method); when no backbone has two
-    methods, every group is compared with the first. Differences are ``method − reference``.
+    A case is a ``(data key, case id)``. Within each backbone × method, the rows of one case
+    (one per run, i.e. per seed) are first averaged, so that a case counts once however many
+    seeds evaluated it: the table's ``n`` and the tests' ``n`` are numbers of distinct cases.
+    The table gives mean ± std over these case averages (``runs``: the runs pooled). Within each
+    backbone every method is compared with ``baseline`` (or, without one, the backbone's first
+    method), paired by case; when no backbone has two methods, every group is compared with the
+    first. Differences are ``method − reference``.
     """
-    groups: dict[tuple[str, str], dict[tuple[str, str], Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str], dict[tuple[str, str], dict[Any, Mapping[str, Any]]]] = {}
     runs: dict[tuple[str, str], set] = defaultdict(set)
     for row in cases:
-        group = groups.setdefault((row["backbone"], row["method"]), {})
-        key = (row["data"], row["case_id"])
-        if key in group:
+        group = (row["backbone"], row["method"])
+        seeds = groups.setdefault(group, {}).setdefault((row["data"], row["case_id"]), {})
+        seed = row["run"] if row.get("seed") is None else row["seed"]  # a bare checkpoint has no seed
+        if seed in seeds:
             raise AdaCSError(
-                f"Two runs of {row['backbone']}/{row['method']} ({row['run']} and another) were evaluated on the "
-                f"same case {row['case_id']} of the same data: give each backbone/method/seed once."
+                f"Two runs of {row['backbone']}/{row['method']} with seed {seed} ({row['run']} and "
+                f"{seeds[seed]['run']}) were evaluated on case {row['case_id']} of the same data: give each "
+                "backbone/method/seed once."
             )
-        group[key] = row
-        runs[(row["backbone"], row["method"])].add(row["run"])
+        seeds[seed] = row
+        runs[group].add(row["run"])
+    averaged = {
+        group: {case: _seed_average(list(seeds.values())) for case, seeds in members.items()}
+        for group, members in groups.items()
+    }
     table = []
-    for (backbone, method), members in groups.items():
+    for (backbone, method), members in averaged.items():
         row = {"backbone": backbone, "method": method, "runs": len(runs[(backbone, method)]), "n": len(members)}
         for metric in TABLE_COLUMNS:
             row[f"{metric}_mean"], row[f"{metric}_std"], _ = mean_std([m[metric] for m in members.values()])
         table.append(row)
     tests = []
-    for reference, other in _comparisons(list(groups)):
-        keys = [k for k in groups[reference] if k in groups[other]]
+    for reference, other in _comparisons(list(averaged)):
+        keys = [k for k in averaged[reference] if k in averaged[other]]
         for metric in COMPARED:
-            a = [groups[reference][k][metric] for k in keys]
-            b = [groups[other][k][metric] for k in keys]
+            a = [averaged[reference][k][metric] for k in keys]
+            b = [averaged[other][k][metric] for k in keys]
             result = paired_test(a, b)
             tests.append(
                 {
@@ -195,6 +211,11 @@ def compare(cases: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], l
                 }
             )
     return table, tests
+
+
+def _seed_average(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The mean of each table metric over the rows (runs) of one case, NaN values left out."""
+    return {metric: mean_std([r[metric] for r in rows])[0] for metric in TABLE_COLUMNS}
 
 
 def _comparisons(groups: list[tuple[str, str]]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
@@ -233,7 +254,13 @@ def comparison_markdown(table: Sequence[Mapping[str, Any]], tests: Sequence[Mapp
         + [format_mean_std(r[f"{m}_mean"], r[f"{m}_std"], TABLE_COLUMNS[m][1]) for m in paper]
         for r in table
     ]
-    text = "# Comparison\n\nMean ± standard deviation over test cases, pooled over the runs (seeds) of each row.\n\n"
+    counts = sorted({int(r["n"]) for r in table})
+    n = "–" if not counts else f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    text = (
+        f"# Comparison\n\nn = {n} distinct test cases per row (column cases). Mean ± standard deviation over "
+        "these cases; a case evaluated by several runs (seeds) of a row counts once, its metrics first averaged "
+        "over those runs (column runs).\n\n"
+    )
     text += markdown_table(header, rows)
     if tests:
         header = ["backbone", "method", "vs", "metric", "pairs", "mean difference", "paired t-test p", "Wilcoxon p"]
@@ -251,7 +278,8 @@ def comparison_markdown(table: Sequence[Mapping[str, Any]], tests: Sequence[Mapp
             for t in tests
         ]
         text += (
-            "\n## Paired differences\n\nCases paired by data set and case id; difference = method − reference "
+            "\n## Paired differences\n\nEach case averaged over the seeds of its backbone × method, then paired by "
+            "data set and case id (pairs: n, the number of distinct cases); difference = method − reference "
             "(↑: positive is better, ↓: negative is better); two-sided p-values of the paired t-test and the "
             "Wilcoxon signed-rank test (SciPy).\n\n" + markdown_table(header, rows)
         )

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..errors import AdaCSError, ConfigError
 
 _CONFIG_PACKAGE = "adacs_lightning.conf"
-# Data settings that change how pairs are loaded, not which pairs: left out of the data key.
 # Settings that change how pairs are loaded or where files go, not which pairs: left out of data_key.
 _LOADING_KEYS = ("batch_size", "num_workers", "cache_workers", "output_dir", "strict")
+_SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -29,7 +30,8 @@ class Run:
         folder: the run folder (with ``.hydra/config.yaml``), or None for a bare checkpoint.
         config: the run's composed config (unresolved), or None.
         backbone: the backbone's name (the Hydra choice, else the network's class name).
-        method: the method's name (the Hydra choice, else read from the checkpoint).
+        method: the method's name: the Hydra choice, else the one the checkpoint records
+            (``adacs``, ``baseline``, ``nll``, ``beta_nll``; ``unknown`` when it records none).
         seed: the run's seed, or None.
         name: a label to show instead of :attr:`label`'s default.
     """
@@ -87,16 +89,20 @@ def resolve_run(path: str | Path) -> Run:
     elif path.is_dir():
         raise AdaCSError(f"'{path}' is not a run folder of adacs-train (no .hydra/config.yaml): give a checkpoint.")
     checkpoint = checkpoint or best_checkpoint(folder)
-    hparams, backbone_config = _checkpoint_header(checkpoint)
+    stored_method, backbone_config = _checkpoint_header(checkpoint)
     backbone = (choices or {}).get("backbone") or _backbone_name(backbone_config)
-    method = (choices or {}).get("method") or ("adacs" if hparams.get("scoring", False) else "baseline")
+    method = (choices or {}).get("method") or stored_method
     seed = config.get("seed") if config is not None else None
     return Run(checkpoint, folder, config, str(backbone), str(method), None if seed is None else int(seed))
 
 
-def _checkpoint_header(path: Path) -> tuple[dict, dict | None]:
-    """``(hyper-parameters, backbone config)`` of a checkpoint; a clear error for an unreadable file."""
-    from ..checkpoint import BACKBONE_CONFIG_KEY
+def _checkpoint_header(path: Path) -> tuple[str, dict | None]:
+    """``(method name, backbone config)`` of a checkpoint; a clear error for an unreadable file.
+
+    The method is the one the checkpoint records (``unknown`` for a ``backbone.pt`` written
+    before files recorded it: its weights alone cannot tell).
+    """
+    from ..checkpoint import BACKBONE_CONFIG_KEY, method_of
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
@@ -104,7 +110,7 @@ def _checkpoint_header(path: Path) -> tuple[dict, dict | None]:
         raise AdaCSError(f"'{path}' could not be read as a checkpoint ({type(error).__name__}: {error}).") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise AdaCSError(f"'{path}' is not an adacs-train checkpoint (no state_dict).")
-    return dict(checkpoint.get("hyper_parameters") or {}), checkpoint.get(BACKBONE_CONFIG_KEY)
+    return method_of(checkpoint) or "unknown", checkpoint.get(BACKBONE_CONFIG_KEY)
 
 
 def _backbone_name(config: dict | None) -> str:
@@ -170,11 +176,28 @@ def _load_data_option(name: str) -> DictConfig:
     return config
 
 
-def data_key(config: dict[str, Any]) -> str:
-    """A short fingerprint of the pairs a data config yields (loading settings left out).
+def data_key(config: dict[str, Any], split: str = "test") -> str:
+    """A short fingerprint of the ``split`` pairs a data config yields.
 
-    Cases of two runs are paired only when their data keys agree, so that seeds that change
-    the synthetic data set never pair different images under the same case id.
+    Cases of two runs are paired (and a case evaluated by several runs averaged) only when
+    their data keys agree, so that seeds that change the synthetic data set never pair
+    different images under the same case id. Left out: loading settings, the pair limits of
+    the other splits, and, for data read from files (whose case ids name the files), the
+    seed, which only decides which split a case falls in.
     """
-    content = {k: v for k, v in config.items() if k not in _LOADING_KEYS}
+    ignored = set(_LOADING_KEYS) | {f"{other}_pairs" for other in _SPLITS if other != split}
+    if _reads_files(config):
+        ignored.add("seed")
+    content = {k: v for k, v in config.items() if k not in ignored}
     return hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _reads_files(config: dict[str, Any]) -> bool:
+    """Whether the config's ``_target_`` is a :class:`~adacs_lightning.data.FileDataModule` (False if unknown)."""
+    from ..data.base import FileDataModule
+
+    try:
+        target = get_class(str(config.get("_target_")))
+    except Exception:  # not importable here: keep every setting in the key
+        return False
+    return isinstance(target, type) and issubclass(target, FileDataModule)
