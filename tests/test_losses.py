@@ -52,6 +52,18 @@ def test_gradient_energy_sees_a_checkerboard():
     assert gradient_energy(board[None, None].float()).item() == pytest.approx(2.0)
 
 
+def test_gradient_energy_inside_a_mask():
+    """Only differences between two voxels inside the mask count; an all-ones mask changes nothing."""
+    # Row [0, 1, 3, 10] along the last axis: differences 1, 2, 7; the mask excludes the last voxel.
+    field = torch.tensor([0.0, 1.0, 3.0, 10.0]).expand(1, 1, 2, 4).clone()
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0]).expand(1, 1, 2, 4)
+    assert gradient_energy(field, mask).item() == pytest.approx((1 + 4) / 2)
+    assert gradient_energy(field, torch.ones_like(mask)).item() == pytest.approx(gradient_energy(field).item())
+    changed = field.clone()
+    changed[..., 3] = -50.0  # outside the mask: no effect
+    assert gradient_energy(changed, mask).item() == pytest.approx(gradient_energy(field, mask).item())
+
+
 def test_displacement_loss_hand_computed():
     residual = torch.tensor([[[[0.2, 0.4]]]])
     score = torch.tensor([[[[0.5, 1.0]]]])

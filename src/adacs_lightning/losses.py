@@ -4,7 +4,7 @@ Shapes: images and score maps are ``(B, C, *spatial)``; displacement fields are
 ``(B, ndim, *spatial)`` in voxels; an optional field-of-view ``mask`` is
 ``(B, 1, *spatial)`` with 1 inside the imaged region. Every data term is a mean
 over the voxels inside the mask (over the whole batch at once); gradient
-penalties are means over the whole image.
+penalties are means over the neighbouring voxel pairs that both lie inside it.
 """
 
 from __future__ import annotations
@@ -44,17 +44,27 @@ def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def gradient_energy(field: Tensor) -> Tensor:
+def gradient_energy(field: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean squared spatial gradient ``mean ‖∇x‖²`` of a field ``(B, C, *spatial)``.
 
     Forward differences along each spatial axis, squared, summed over axes and
-    averaged over voxels and channels; an axis of length 1 adds nothing. For a displacement field this is
-    VoxelMorph's ``Grad('l2')`` up to its division by the number of axes; for a
-    score map (C = 1) it is ``L_smooth``. Forward differences, unlike central
-    ones, also penalise a two-voxel checkerboard.
+    averaged over voxels and channels; an axis of length 1 adds nothing. With a
+    ``mask`` ``(B, 1, *spatial)``, each axis's mean runs over the differences whose
+    two voxels both lie inside it. For a displacement field this is VoxelMorph's
+    ``Grad('l2')`` up to its division by the number of axes (so λ here is ndim times
+    that λ); for a score map (C = 1) it is ``L_smooth``. Forward differences, unlike
+    central ones, also penalise a two-voxel checkerboard.
     """
-    spatial_axes = [axis for axis in range(2, field.ndim) if field.shape[axis] > 1]
-    return sum((torch.diff(field, dim=axis).pow(2).mean() for axis in spatial_axes), field.new_zeros(()))
+    total = field.new_zeros(())
+    for axis in (a for a in range(2, field.ndim) if field.shape[a] > 1):
+        squared = torch.diff(field, dim=axis).pow(2)
+        if mask is None:
+            total = total + squared.mean()
+        else:
+            length = field.shape[axis]
+            both_inside = mask.narrow(axis, 0, length - 1) * mask.narrow(axis, 1, length - 1)
+            total = total + masked_mean(squared, both_inside)
+    return total
 
 
 def displacement_data_term(residual: Tensor, score: Tensor | None, mask: Tensor | None = None) -> Tensor:
@@ -76,7 +86,7 @@ def displacement_loss(
         ``(L_de, data term, displacement smoothness)``, each a scalar.
     """
     data = displacement_data_term(residual, score, mask)
-    smooth = gradient_energy(ddf)
+    smooth = gradient_energy(ddf, mask)
     return data + lam * smooth, data, smooth
 
 
@@ -105,7 +115,7 @@ def scoring_loss(
     """
     ucs = correspondence_loss(score, residual, mask)
     reg = score_regulariser(score, mask)
-    smooth = gradient_energy(score)
+    smooth = gradient_energy(score, mask)
     return ucs + alpha * reg + beta * momentum * smooth, ucs, reg, smooth
 
 

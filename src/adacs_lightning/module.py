@@ -76,7 +76,8 @@ class AdaCS(L.LightningModule):
         beta: weight ``β`` of ``L_smooth``.
         lam: weight ``λ`` of the displacement smoothness.
         gamma: momentum ``γ`` of ``m_T``.
-        kappa: residual scale ``κ`` of ``b_T``, or ``"auto"`` for ``κ = 1/μ_1`` (see README).
+        kappa: residual scale ``κ`` of ``b_T`` (50: the reference code's, for images in [0, 1]), or
+            ``"auto"`` for ``κ = 1/μ_1`` (see README for when auto switches the smoothness off).
         warmup_epochs: ``N_w``; warm-up A is epochs ``[0, N_w)``, warm-up B ``[N_w, 2N_w)``.
         lr: Adam learning rate of the backbone.
         scorer_lr: Adam learning rate of the scorer (``lr`` when None).
@@ -106,7 +107,7 @@ class AdaCS(L.LightningModule):
         beta: float = 1.5,
         lam: float = 0.01,
         gamma: float = 0.99,
-        kappa: float | str = "auto",
+        kappa: float | str = 50.0,
         warmup_epochs: int = 20,
         lr: float = 1e-4,
         scorer_lr: float | None = None,
@@ -348,7 +349,7 @@ class AdaCS(L.LightningModule):
             "train/ucs": ucs,
             "train/reg": reg,
             "train/smooth_score": smooth,
-            "train/score_mean": queued.score.detach().mean(),
+            "train/score_mean": _mean(masked_mean(s.detach(), queued.mask) for s in scores),
         }
         self.log_dict(logs, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
         return loss_se

@@ -22,7 +22,7 @@ class MomentumWeight(nn.Module):
             first residual seen, so that ``m`` starts at 0 and rises as the residual falls.
     """
 
-    def __init__(self, gamma: float = 0.99, kappa: float | str = "auto") -> None:
+    def __init__(self, gamma: float = 0.99, kappa: float | str = 50.0) -> None:
         super().__init__()
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"gamma must lie in [0, 1), got {gamma}")

@@ -174,7 +174,7 @@ class VarianceWeighted(AdaCS):
         source, target, mask = self._images(batch)
         output, _ = self.backbone.forward_train(source, target)
         residual = squared_residual(self.warp(source, output.ddf), target)
-        smooth = gradient_energy(output.ddf)
+        smooth = gradient_energy(output.ddf, mask)
         mse = masked_mean(residual, mask)
         logs = {"train/mse": mse, "train/smooth_ddf": smooth}
         if self.phase is Phase.JOINT:
