@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
+from ..errors import ConfigError
+from .base import PairDataModule
 from .phantom import LABEL_NAMES, MYOCARDIUM, Nuisances, make_pair
 
 _SPLITS = ("train", "val", "test")
@@ -57,7 +58,7 @@ class SyntheticPairs(Dataset):
         return self.items[index]
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(PairDataModule):
     """Synthetic ED→ES pairs with echo-like nuisances (see :mod:`adacs_lightning.data.phantom`).
 
     Args:
@@ -87,23 +88,15 @@ class SyntheticDataModule(L.LightningDataModule):
         nuisance: Nuisances | None = None,
         eval_labels: Sequence[int] = (MYOCARDIUM,),
     ) -> None:
-        super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        super().__init__(spatial_dims, batch_size, num_workers, seed, eval_labels)
         size = [int(image_size)] * spatial_dims if isinstance(image_size, int) else [int(s) for s in image_size]
         if len(size) != spatial_dims or min(size) < 8:
-            raise ValueError(f"image_size needs {spatial_dims} sizes of at least 8 voxels, got {image_size}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.spatial_dims = spatial_dims
+            raise ConfigError(
+                "data.image_size", f"needs {spatial_dims} sizes of at least 8 voxels, got {image_size}.", "E.g. 128."
+            )
         self.spatial_size = tuple(size)
         self.counts = {"train": train_pairs, "val": val_pairs, "test": test_pairs}
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
         self.nuisance = nuisance or Nuisances()
-        self.eval_labels = [int(v) for v in eval_labels]
-        self.datasets: dict[str, SyntheticPairs] = {}
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -112,29 +105,3 @@ class SyntheticDataModule(L.LightningDataModule):
                 self.datasets[split] = SyntheticPairs(
                     split, self.counts[split], self.spatial_size, self.nuisance, self.seed
                 )
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.datasets:
-            self.setup(None)
-        dataset = self.datasets[split]
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        # A seeded, epoch-aware sampler (Lightning calls set_epoch) makes the order of
-        # pairs a function of (seed, epoch, rank), so a resumed run sees the same batches.
-        sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=self.seed)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
