@@ -46,3 +46,17 @@ def test_step_time_benchmark_prints_ratios(tmp_path):
     assert set(results["step_s"]) == set(results["peak_mib"])
     assert all(v > 0 for v in results["step_s"].values())
     assert results["inference_s"]["exported"] > 0
+
+
+@pytest.mark.slow
+def test_adacs_study_tiny(tmp_path):
+    """Two settings of the validation study, each a tiny run; the table and results file come out."""
+    command = [sys.executable, str(BENCHMARKS / "adacs_study.py"), "--out", str(tmp_path), "--group", "ordering"]
+    result = run_command([*command, "--only", "base_lam0.01", "adacs_default", "--extra", "debug=tiny"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["name"] for r in rows} == {"base_lam0.01", "adacs_default"}
+    assert all(0.0 <= r["val_dice"] <= 1.0 for r in rows)
+    adacs = next(r for r in rows if r["name"] == "adacs_default")
+    assert adacs["m"] is not None and 0.0 <= adacs["m"] <= 1.0  # the scorer ran: m_T was logged
+    assert "| adacs_default | 0 |" in (tmp_path / "results.md").read_text()
