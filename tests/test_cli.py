@@ -125,7 +125,7 @@ def test_cli_resume_from_last_checkpoint(tmp_path):
         (["method.alpha=-1"], ["Setting 'method.alpha'", "non-negative"]),
         (["+data.root=/no/such/folder"], ["Setting 'data.root'", "/no/such/folder", "does not exist"]),
         (["ckpt_path=/no/such.ckpt"], ["Setting 'ckpt_path'", "no checkpoint file"]),
-        (["data.image_size=[32]"], ["Setting 'data'", "image_size"]),
+        (["data.image_size=[32]"], ["Setting 'data.image_size'", "needs 2 sizes"]),
     ],
 )
 def test_cli_errors_name_the_setting(tmp_path, args, expected):

@@ -92,7 +92,7 @@ class SyntheticDataModule(PairDataModule):
         size = [int(image_size)] * spatial_dims if isinstance(image_size, int) else [int(s) for s in image_size]
         if len(size) != spatial_dims or min(size) < 8:
             raise ConfigError(
-                "data.image_size", f"needs {spatial_dims} sizes of at least 8 voxels, got {image_size}.", "E.g. 128."
+                "image_size", f"needs {spatial_dims} sizes of at least 8 voxels, got {image_size}.", "E.g. 128."
             )
         self.spatial_size = tuple(size)
         self.counts = {"train": train_pairs, "val": val_pairs, "test": test_pairs}
