@@ -60,7 +60,9 @@ def test_group_files_are_prefixed_by_their_group():
 
 def _write_tree(root: Path, method_text: str) -> None:
     (root / "method").mkdir(parents=True)
-    (root / "config.yaml").write_text("# Top.\ndefaults:\n  - _self_\n  # Weighting.\n  - method: adacs\n# Seed.\nseed: 0\n")
+    (root / "config.yaml").write_text(
+        "# Top.\ndefaults:\n  - _self_\n  # Weighting.\n  - method: adacs\n# Seed.\nseed: 0\n"
+    )
     (root / "method" / "adacs.yaml").write_text("# AdaCS.\n\n# α.\nalpha: 0.02\n")
     (root / "method" / "baseline.yaml").write_text(method_text)
 

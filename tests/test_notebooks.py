@@ -20,7 +20,9 @@ def run_notebook(name: str, workdir: Path, **parameters) -> nbformat.NotebookNod
     tagged = [cell for cell in notebook.cells if "parameters" in cell.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{name} needs exactly one cell tagged 'parameters'"
     tagged[0].source = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
-    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}).execute()
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    ).execute()
     return notebook
 
 
@@ -35,8 +37,16 @@ def test_committed_notebooks_carry_no_outputs(name):
 @pytest.mark.slow
 def test_quickstart(tmp_path):
     out = tmp_path / "quickstart"
-    run_notebook("quickstart.ipynb", tmp_path, IMAGE_SIZE=32, TRAIN_PAIRS=16, EPOCHS=3, WARMUP_EPOCHS=1,
-                 OUTPUT_DIR=str(out), SEED=0)
+    run_notebook(
+        "quickstart.ipynb",
+        tmp_path,
+        IMAGE_SIZE=32,
+        TRAIN_PAIRS=16,
+        EPOCHS=3,
+        WARMUP_EPOCHS=1,
+        OUTPUT_DIR=str(out),
+        SEED=0,
+    )
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"identity", "baseline", "adacs"}
     assert all(math.isfinite(value) and 0.0 <= value <= 1.0 for value in results.values())
@@ -48,8 +58,9 @@ def test_quickstart(tmp_path):
 @pytest.mark.slow
 def test_own_data(tmp_path):
     workdir = tmp_path / "own"
-    run_notebook("own_data.ipynb", tmp_path, N_PAIRS=10, IMAGE_SIZE=32, EPOCHS=3, WARMUP_EPOCHS=1,
-                 WORKDIR=str(workdir), SEED=0)
+    run_notebook(
+        "own_data.ipynb", tmp_path, N_PAIRS=10, IMAGE_SIZE=32, EPOCHS=3, WARMUP_EPOCHS=1, WORKDIR=str(workdir), SEED=0
+    )
     run_dir = workdir / "run"
     assert (run_dir / "splits.json").exists() and (run_dir / "backbone.pt").exists()
     with open(run_dir / "evaluation" / "cases.csv") as f:

@@ -187,8 +187,7 @@ def compare(cases: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], l
     backbone_order = {backbone: i for i, backbone in reversed(list(enumerate(g[0] for g in groups)))}
     ordered = sorted(groups, key=lambda g: (backbone_order[g[0]], g[1] != "baseline", g[1]))
     averaged = {
-        group: {case: _seed_average(list(seeds.values())) for case, seeds in groups[group].items()}
-        for group in ordered
+        group: {case: _seed_average(list(seeds.values())) for case, seeds in groups[group].items()} for group in ordered
     }
     table = []
     for (backbone, method), members in averaged.items():
