@@ -19,8 +19,10 @@ import argparse
 import json
 import statistics
 import warnings
+from pathlib import Path
 
 import torch
+import yaml
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from step_time import Batches, FixedPhase, parameter_count, run_steps  # same folder
@@ -41,22 +43,7 @@ BACKBONES = {
     "globalnet": "GlobalNet, affine (Hu et al., MedIA 2018)",
 }
 # --tiny: the same architectures, narrow, for a smoke test of this script.
-TINY = {
-    "voxelmorph": ["backbone.channels=[4,8,8,8]", "backbone.unet_out_channels=8", "backbone.final_conv_channels=[8]"],
-    "transmorph": ["backbone.embed_dim=12", "backbone.num_heads=[1,1,2,2]"],
-    "diffusemorph": [
-        "backbone.denoiser_channels=[8,16,16]",
-        "backbone.norm_num_groups=8",
-        "backbone.feature_channels=4",
-        "backbone.deformation_channels=[4,8,8,8]",
-        "backbone.deformation_out_channels=8",
-        "backbone.deformation_final_channels=[8]",
-    ],
-    "lapirn": ["backbone.features=8", "backbone.res_blocks=1", "backbone.embedding_dim=8"],
-    "localnet": ["backbone.net.num_channel_initial=4", "backbone.net.extract_levels=[0,1,2]"],
-    "regunet": ["backbone.net.num_channel_initial=4", "backbone.net.depth=2", "backbone.net.extract_levels=[0,1,2]"],
-    "globalnet": ["backbone.num_channel_initial=4", "backbone.depth=2"],
-}
+TINY = yaml.safe_load((Path(__file__).with_name("narrow_backbones.yaml")).read_text())
 
 
 def build_backbone(name: str, spatial_dims: int, size: int, tiny: bool):

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from monai.networks.blocks import DVF2DDF, Warp
@@ -24,22 +25,7 @@ ROOT = Path(__file__).parents[1]
 NAMES = ["voxelmorph", "transmorph", "diffusemorph", "lapirn", "localnet", "regunet", "globalnet"]
 
 # Narrow versions of each config: the real architecture at a fraction of the cost.
-SMALL = {
-    "voxelmorph": ["backbone.channels=[4,8,8,8]", "backbone.unet_out_channels=8", "backbone.final_conv_channels=[8]"],
-    "transmorph": ["backbone.embed_dim=12", "backbone.num_heads=[1,1,2,2]", "backbone.drop_path_rate=0.0"],
-    "diffusemorph": [
-        "backbone.denoiser_channels=[8,16,16]",
-        "backbone.norm_num_groups=8",
-        "backbone.feature_channels=4",
-        "backbone.deformation_channels=[4,8,8,8]",
-        "backbone.deformation_out_channels=8",
-        "backbone.deformation_final_channels=[8]",
-    ],
-    "lapirn": ["backbone.features=8", "backbone.res_blocks=1", "backbone.embedding_dim=8"],
-    "localnet": ["backbone.net.num_channel_initial=4", "backbone.net.extract_levels=[0,1,2]"],
-    "regunet": ["backbone.net.num_channel_initial=4", "backbone.net.depth=2", "backbone.net.extract_levels=[0,1,2]"],
-    "globalnet": ["backbone.num_channel_initial=4", "backbone.depth=2"],
-}
+SMALL = yaml.safe_load((Path(__file__).parents[1] / "benchmarks" / "narrow_backbones.yaml").read_text())
 # Adam moves every weight by about lr per step: GlobalNet's dense affine head needs a small one.
 LR = {"globalnet": 1e-4}
 SIZE_3D = {"transmorph": 32}  # TransMorph needs sizes divisible by 32; the others train on 16³.
