@@ -1,76 +1,18 @@
-"""Shared fixtures: tiny data and networks so that every test runs in seconds on a CPU."""
+"""Shared fixtures; helpers live in tests/helpers/. Every test runs on the CPU in seconds."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import warnings
-from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
-from adacs_lightning import AdaCS, Nuisances, ScoringNetwork, SyntheticDataModule, voxelmorph
+from adacs_lightning import Nuisances
+
+from .helpers.training import tiny_datamodule
 
 os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(min(2, torch.get_num_threads()))
-warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
-
-
-BIN = Path(sys.executable).parent
-
-
-def run_command(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run a console command as a user would: this environment's scripts on PATH, W&B offline."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
-    env.pop("WANDB_API_KEY", None)
-    env.pop("WANDB_MODE", None)
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def adacs_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_command([str(BIN / "adacs-train"), *args], cwd)
-
-
-def tiny_backbone(spatial_dims: int = 2):
-    """A VoxelMorph with narrow layers: the real architecture at a fraction of the cost."""
-    return voxelmorph(spatial_dims=spatial_dims, channels=(4, 8, 8, 8), unet_out_channels=8, final_conv_channels=(8,))
-
-
-def tiny_datamodule(spatial_dims: int = 2, size: int = 32, pairs: int = 8, batch_size: int = 4, **kwargs):
-    return SyntheticDataModule(
-        spatial_dims=spatial_dims,
-        image_size=size,
-        train_pairs=pairs,
-        val_pairs=4,
-        test_pairs=4,
-        batch_size=batch_size,
-        **kwargs,
-    )
-
-
-def tiny_trainer(max_epochs: int, tmp_path=None, **kwargs) -> L.Trainer:
-    defaults = dict(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path) if tmp_path else None,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
-
-
-def tiny_model(**kwargs) -> AdaCS:
-    kwargs.setdefault("warmup_epochs", 1)
-    kwargs.setdefault("lr", 1e-3)
-    return AdaCS(tiny_backbone(), **kwargs)
 
 
 @pytest.fixture
@@ -81,26 +23,3 @@ def datamodule():
 @pytest.fixture
 def clean_nuisance():
     return Nuisances(noise="none", drift=0.0, shadow_prob=0.0, dropout_prob=0.0, extra_structure_prob=0.0, fov=False)
-
-
-def assert_same_training(a: dict, b: dict, spatial_dims: int = 2, atol: float = 3e-4) -> None:
-    """Two AdaCS state dicts describe the same trained model, up to float rounding.
-
-    Backbone weights and the momentum state are compared directly. The scorer is compared by
-    its output: biases in front of its instance norms have a zero gradient in exact
-    arithmetic, so Adam turns rounding noise there into ±lr steps that the norm removes.
-    """
-    assert set(a) == set(b)
-    for name in a:
-        if not name.startswith("scorer."):
-            torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=atol, msg=name)
-    scorer_keys = [k for k in a if k.startswith("scorer.")]
-    if scorer_keys:
-        scorers = []
-        for state in (a, b):
-            scorer = ScoringNetwork(spatial_dims)
-            scorer.load_state_dict({k.removeprefix("scorer."): state[k] for k in scorer_keys})
-            scorers.append(scorer.eval())
-        image = torch.rand((2, 1) + (32,) * spatial_dims, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            torch.testing.assert_close(scorers[0](image), scorers[1](image), rtol=1e-3, atol=atol)

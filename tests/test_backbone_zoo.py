@@ -10,16 +10,16 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from monai.networks.blocks import DVF2DDF, Warp
 from torch import nn
 
 from adacs_lightning import AdaCS, ConfigError, Nuisances, Phase
-from adacs_lightning.backbones import Backbone, HalfResolutionFlow, custom_backbone, diffusemorph, transmorph
-from adacs_lightning.cli.train import build
+from adacs_lightning.backbones import Backbone, custom_backbone, diffusemorph, transmorph
+from adacs_lightning.training import build
 
-from .conftest import adacs_train, run_command, tiny_datamodule, tiny_trainer
+from .helpers.configs import compose_config
+from .helpers.training import adacs_train, run_command, tiny_datamodule, tiny_trainer
 
 ROOT = Path(__file__).parents[1]
 NAMES = ["voxelmorph", "transmorph", "diffusemorph", "lapirn", "localnet", "regunet", "globalnet"]
@@ -32,12 +32,7 @@ SIZE_3D = {"transmorph": 32}  # TransMorph needs sizes divisible by 32; the othe
 
 
 def compose_backbone(name: str, spatial_dims: int = 2, size: int = 32, extra: tuple[str, ...] = ()):
-    with initialize_config_module("adacs_lightning.conf", version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[f"backbone={name}", f"data.spatial_dims={spatial_dims}", f"data.image_size={size}", *extra],
-        )
-    return cfg
+    return compose_config([f"backbone={name}", f"data.spatial_dims={spatial_dims}", f"data.image_size={size}", *extra])
 
 
 def small_backbone(name: str, spatial_dims: int = 2, size: int = 32) -> Backbone:
@@ -230,7 +225,8 @@ def test_half_resolution_velocity_integrates_like_full_resolution():
         def forward(self, pair):
             return velocity
 
-    half = HalfResolutionFlow(Fixed(), integration_steps=7)(torch.zeros(1, 2, 64, 64))
+    half_resolution = Backbone(Fixed(), inputs="concat", output="velocity", integration_downsize=2, spatial_dims=2)
+    half = half_resolution(torch.zeros(1, 1, 64, 64), torch.zeros(1, 1, 64, 64))
     full = DVF2DDF(num_steps=7)(velocity)
     inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
     assert (half - full)[inner].abs().mean() < 0.05 * full[inner].abs().mean()
@@ -239,7 +235,7 @@ def test_half_resolution_velocity_integrates_like_full_resolution():
 def test_voxelmorph_half_resolution_option():
     cfg = compose_backbone("voxelmorph", 2, 32, (*SMALL["voxelmorph"], "backbone.half_resolution=true"))
     backbone = build(cfg, "backbone")
-    assert isinstance(backbone.net, HalfResolutionFlow)
+    assert backbone.integration_downsize == 2
     assert backbone(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)).shape == (1, 2, 32, 32)
     cfg = compose_backbone("voxelmorph", 2, 32, ("backbone.half_resolution=true", "backbone.integration_steps=0"))
     with pytest.raises(ConfigError, match="backbone.half_resolution"):

@@ -8,18 +8,7 @@ from torch import nn
 
 from adacs_lightning.backbones import Backbone, as_backbone, voxelmorph
 
-from .conftest import tiny_backbone
-
-
-class PairNet(nn.Module):
-    """A user network with the contract's own signature: (moving, fixed) -> ddf."""
-
-    def __init__(self, ndim=2):
-        super().__init__()
-        self.conv = nn.Conv2d(2, ndim, 3, padding=1) if ndim == 2 else nn.Conv3d(2, ndim, 3, padding=1)
-
-    def forward(self, moving, fixed):
-        return self.conv(torch.cat([moving, fixed], 1))
+from .helpers.training import PairNet, tiny_backbone
 
 
 class LossNet(PairNet):

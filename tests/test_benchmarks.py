@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_command
+from .helpers.training import run_command
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 

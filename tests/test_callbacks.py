@@ -8,7 +8,7 @@ from PIL import Image
 
 from adacs_lightning.callbacks import PANELS, ProgressBar, RegistrationImages, registration_panels
 
-from .conftest import tiny_datamodule, tiny_model, tiny_trainer
+from .helpers.training import tiny_datamodule, tiny_model, tiny_trainer
 
 
 def test_progress_bar_shows_the_phase_not_the_logger_version(tmp_path):

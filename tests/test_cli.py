@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from adacs_lightning import AdaCSError, load_backbone
 from adacs_lightning.cli.overrides import default_groups, normalise_overrides
-from adacs_lightning.cli.train import train
+from adacs_lightning.training import train
 
-from .conftest import adacs_train
-
-
-def compose_config(overrides: list[str], output_dir: Path):
-    with initialize_config_module("adacs_lightning.conf", version_base="1.3"):
-        return compose("config", overrides=normalise_overrides(overrides) + [f"paths.output_dir={output_dir}"])
+from .helpers.configs import compose_config
+from .helpers.training import adacs_train, adacs_train_subprocess
 
 
 def test_every_group_is_in_the_defaults_list():
-    assert default_groups() == {"backbone", "data", "method", "trainer", "logger", "experiment", "debug", "search"}
+    assert default_groups() == {
+        "backbone",
+        "data",
+        "method",
+        "similarity",
+        "scorer",
+        "trainer",
+        "logger",
+        "experiment",
+        "debug",
+        "search",
+    }
 
 
 def test_normalise_overrides_only_touches_group_choices():
@@ -90,7 +95,7 @@ def test_load_backbone_errors(tmp_path):
 
 @pytest.mark.slow
 def test_cli_bare_and_plus_forms_run(tmp_path):
-    result = adacs_train("debug=tiny", f"hydra.run.dir={tmp_path / 'bare'}", cwd=tmp_path)
+    result = adacs_train_subprocess("debug=tiny", f"hydra.run.dir={tmp_path / 'bare'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "bare" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "bare" / ".hydra" / "config.yaml").is_file()

@@ -18,7 +18,7 @@ from adacs_lightning.data import (
 )
 from adacs_lightning.errors import ConfigError
 
-from .test_data_fakes import make_acdc, make_camus_nifti, make_folder, make_oasis, write_nifti
+from .helpers.fakes import make_acdc, make_camus_nifti, make_folder, make_oasis, write_nifti
 
 
 def acdc_module(root, **kwargs):
@@ -104,7 +104,7 @@ def test_3d_config_meets_2d_data_and_back(tmp_path):
         FolderDataModule(str(csv_3d), spatial_dims=2, strict=True).setup("fit")
     # a 2D image saved with a trailing axis of 1 is still 2D
     nib.save(
-        nib.Nifti1Image(np.ones((16, 12, 1), np.float32), np.eye(4)),
+        nib.Nifti1Image(np.arange(192, dtype=np.float32).reshape(16, 12, 1), np.eye(4)),
         str(tmp_path / "two" / "images" / "r0_source.nii.gz"),
     )
     FolderDataModule(str(csv_2d), spatial_dims=2, strict=True).setup("fit")
@@ -158,14 +158,15 @@ def test_oasis_missing_label_is_skipped(tmp_path):
 
 def test_images_of_several_sizes_need_image_size(tmp_path):
     csv_path = make_folder(tmp_path, rows=4, formats=(".nii.gz",))
-    write_nifti(tmp_path / "images" / "r0_source.nii.gz", np.ones((20, 12), np.float32), (1.0, 1.0))
+    ramp = np.arange(240, dtype=np.float32).reshape(20, 12)  # an image of another size (not constant)
+    write_nifti(tmp_path / "images" / "r0_source.nii.gz", ramp, (1.0, 1.0))
     write_nifti(tmp_path / "labels" / "r0_source.nii.gz", np.ones((20, 12), np.uint8), (1.0, 1.0))
     with pytest.raises(DataError, match=r"r0_source.nii.gz: has shape \(20, 12\).*set data.image_size"):
         FolderDataModule(str(csv_path), strict=True).setup("fit")
     with pytest.raises(ConfigError, match=r"'data.image_size': the 'train' images come in several sizes"):
         csv_3 = make_folder(tmp_path / "b", rows=4, formats=(".nii.gz",))
-        write_nifti(tmp_path / "b" / "images" / "r1_source.nii.gz", np.ones((20, 12), np.float32), (1.0, 1.0))
-        write_nifti(tmp_path / "b" / "images" / "r1_target.nii.gz", np.ones((20, 12), np.float32), (1.0, 1.0))
+        write_nifti(tmp_path / "b" / "images" / "r1_source.nii.gz", ramp, (1.0, 1.0))
+        write_nifti(tmp_path / "b" / "images" / "r1_target.nii.gz", ramp, (1.0, 1.0))
         for which in ("source", "target"):
             write_nifti(tmp_path / "b" / "labels" / f"r1_{which}.nii.gz", np.ones((20, 12), np.uint8), (1.0, 1.0))
         write_nifti(tmp_path / "b" / "masks" / "r1.nii.gz", np.ones((20, 12), np.uint8), (1.0, 1.0))

@@ -22,8 +22,7 @@ from adacs_lightning.data import (
 )
 from adacs_lightning.data.transforms import spacing_of
 
-from .conftest import adacs_train
-from .test_data_fakes import (
+from .helpers.fakes import (
     camus_sector,
     make_acdc,
     make_camus_mhd,
@@ -32,6 +31,7 @@ from .test_data_fakes import (
     make_oasis,
     write_itk,
 )
+from .helpers.training import adacs_train
 
 
 def extent(mask: torch.Tensor) -> list[int]:

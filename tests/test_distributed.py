@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import adacs_train, assert_same_training
+from .helpers.training import adacs_train_subprocess, assert_same_training
 
 
 def train(run_dir: Path, *args: str) -> dict:
-    result = adacs_train("debug=tiny", "logger=csv", f"hydra.run.dir={run_dir}", *args, cwd=run_dir.parent)
+    result = adacs_train_subprocess("debug=tiny", "logger=csv", f"hydra.run.dir={run_dir}", *args, cwd=run_dir.parent)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((run_dir / "summary.json").read_text())
 

@@ -16,8 +16,8 @@ from adacs_lightning.evaluation import CaseEvaluator, iterate_pairs, paired_test
 from adacs_lightning.evaluation.tables import read_csv
 from adacs_lightning.metrics import dice_per_label, folding_percentage, surface_distances_per_label
 
-from .conftest import BIN, run_command
-from .eval_helpers import make_run_folder, save_tiny_checkpoint
+from .helpers.runs import make_run_folder, save_tiny_checkpoint
+from .helpers.training import BIN, run_command
 
 SPACING = (2.0, 0.5)  # mm along axis 0 and axis 1
 
@@ -221,7 +221,7 @@ def test_console_script_help(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_synthetic_benchmark_writes_the_comparison(tmp_path):
-    from .conftest import adacs_train
+    from .helpers.training import adacs_train
 
     sweep = tmp_path / "sweep"
     result = adacs_train(
@@ -345,7 +345,7 @@ def test_method_is_read_from_the_checkpoint_and_from_older_files(tmp_path):
     from adacs_lightning.checkpoint import METHOD_KEY, save_backbone
     from adacs_lightning.evaluation.runs import resolve_run
 
-    from .conftest import tiny_model
+    from .helpers.training import tiny_model
 
     for scoring, name in ((True, "adacs"), (False, "baseline")):
         stored: dict = {}

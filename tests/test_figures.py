@@ -15,9 +15,9 @@ from adacs_lightning.callbacks import (
     registration_figure,
     registration_panels,
 )
-from adacs_lightning.variance import VarianceWeighted
+from adacs_lightning.methods import VarianceWeighted
 
-from .conftest import tiny_backbone, tiny_datamodule, tiny_model, tiny_trainer
+from .helpers.training import tiny_backbone, tiny_datamodule, tiny_model, tiny_trainer
 
 
 def _batch():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adacs_lightning.losses import (
+    closed_form_score,
     correspondence_loss,
     displacement_data_term,
     displacement_loss,
@@ -128,3 +129,36 @@ def test_momentum_target_stays_in_unit_interval():
     mu = torch.logspace(-6, 2, 200)
     b = momentum_target(mu, 50.0)
     assert bool((b >= 0).all()) and bool((b <= 1).all())
+
+
+def test_data_weightings_by_hand():
+    """mean: Σ S·r / N; normalised: Σ S·r / Σ S; scalar: mean(r)·mean(S); all inside the mask, S detached."""
+    residual = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(1, 1, 1, 4)
+    score = torch.tensor([1.0, 0.5, 0.0, 0.5]).view(1, 1, 1, 4).requires_grad_()
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0]).view(1, 1, 1, 4)
+    # inside: r = 0.1, 0.2, 0.3 and S = 1, 0.5, 0: Σ S·r = 0.2, Σ S = 1.5, mean r = 0.2, mean S = 0.5
+    assert displacement_data_term(residual, score, mask, "mean").item() == pytest.approx(0.2 / 3)
+    assert displacement_data_term(residual, score, mask, "normalised").item() == pytest.approx(0.2 / 1.5)
+    assert displacement_data_term(residual, score, mask, "scalar").item() == pytest.approx(0.2 * 0.5)
+    assert displacement_data_term(residual, None, mask, "normalised").item() == pytest.approx(0.2)
+    assert not displacement_data_term(residual, score, mask, "normalised").requires_grad  # sg(Ŝ)
+    # a uniform score changes nothing under normalisation: the baseline's balance against λ
+    uniform = torch.full_like(residual, 0.3)
+    assert displacement_data_term(residual, uniform, mask, "normalised").item() == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="weighting"):
+        displacement_data_term(residual, score, mask, "median")
+
+
+def test_closed_form_score_is_the_pointwise_minimiser_of_the_scorer_loss():
+    alpha = 0.02
+    residual = torch.tensor([0.0, 0.01, 0.03, 0.05]).view(1, 1, 1, 4)
+    expected = torch.tensor([1.0, 0.75, 0.25, 0.0]).view(1, 1, 1, 4)
+    torch.testing.assert_close(closed_form_score(residual, alpha), expected)
+    grid = torch.linspace(0, 1, 10001)
+    for r, s_star in zip(residual.flatten().tolist(), expected.flatten().tolist()):
+        best = grid[torch.argmin(grid * r + alpha * (1 - grid) ** 2)]
+        assert float(best) == pytest.approx(s_star, abs=1e-3)
+    # weighting by sg(S*) gives the truncated quadratic's gradient ρ'(r) = S*
+    r = residual.clone().requires_grad_()
+    (closed_form_score(r, alpha) * r).sum().backward()
+    torch.testing.assert_close(r.grad, expected)

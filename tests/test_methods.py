@@ -11,10 +11,10 @@ import torch
 from adacs_lightning.checkpoint import METHOD_KEY, load_backbone, method_of, save_backbone
 from adacs_lightning.evaluation.runs import resolve_run
 from adacs_lightning.losses import beta_nll, gaussian_nll
+from adacs_lightning.methods import LogVarianceNetwork, VarianceWeighted
 from adacs_lightning.schedule import Phase
-from adacs_lightning.variance import LogVarianceNetwork, VarianceWeighted
 
-from .conftest import adacs_train, tiny_backbone, tiny_datamodule, tiny_trainer
+from .helpers.training import adacs_train, tiny_backbone, tiny_datamodule, tiny_trainer
 
 R = torch.tensor([0.5, 2.0]).view(1, 1, 1, 2)
 LOG_VAR = torch.tensor([0.0, math.log(2.0)]).view(1, 1, 1, 2)

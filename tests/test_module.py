@@ -11,7 +11,7 @@ import torch
 from adacs_lightning import AdaCS, ConfigError
 from adacs_lightning.schedule import Phase
 
-from .conftest import assert_same_training, tiny_backbone, tiny_datamodule, tiny_model, tiny_trainer
+from .helpers.training import PairNet, assert_same_training, tiny_backbone, tiny_datamodule, tiny_model, tiny_trainer
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -288,8 +288,6 @@ def test_channel_mismatch_is_explained():
 
 
 def test_user_pair_network_trains_with_no_adapter_settings():
-    from .test_backbones import PairNet
-
     model = AdaCS(PairNet(), warmup_epochs=1, lr=1e-3)
     assert model.backbone.in_channels == 1
     trainer = tiny_trainer(3)

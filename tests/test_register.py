@@ -17,11 +17,11 @@ from adacs_lightning.cli import register as register_cli
 from adacs_lightning.errors import AdaCSError
 from adacs_lightning.evaluation.inference import scale_to_unit
 from adacs_lightning.evaluation.io import NIFTI_INTENT_VECTOR, read_displacement
+from adacs_lightning.methods import LogVarianceNetwork
 from adacs_lightning.scoring import ScoringNetwork
-from adacs_lightning.variance import LogVarianceNetwork
 
-from .conftest import BIN, run_command, tiny_backbone
-from .eval_helpers import save_tiny_checkpoint
+from .helpers.runs import save_tiny_checkpoint
+from .helpers.training import BIN, run_command, tiny_backbone
 
 AFFINE = np.diag([1.5, 0.8, 1.0, 1.0])
 AFFINE[:3, 3] = [10.0, -5.0, 2.0]

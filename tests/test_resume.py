@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from adacs_lightning import NonFiniteLossError
 
-from .conftest import tiny_datamodule, tiny_model, tiny_trainer
+from .helpers.training import tiny_datamodule, tiny_model, tiny_trainer
 
 
 def checkpoints(folder):

@@ -10,8 +10,8 @@ import yaml
 from adacs_lightning.loggers import wandb_api_key_configured, wandb_logger
 from adacs_lightning.sweeps import command_line, load_sweep, parameter_sets
 
-from .conftest import adacs_train, run_command
-from .wandb_records import read_run
+from .helpers.training import adacs_train, run_command
+from .helpers.wandb_records import read_run
 
 SWEEPS = sorted((Path(__file__).parents[1] / "conf" / "sweep").glob("*.yaml"))
 

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from monai.networks.blocks import Warp
 from PIL import Image
 
 from .losses import squared_residual
+from .warping import warp_block
 
 PANELS = ("source", "target", "warped", "error", "score", "reweighted error", "displacement")
 FIGURE_TITLES = (
@@ -37,16 +37,13 @@ def _to_unit(panel: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     return (panel / scale).clamp(0, 1) if scale > 0 else torch.zeros_like(panel)
 
 
-def score_map(module, target: torch.Tensor) -> torch.Tensor | None:
+def score_map(module, fixed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
     """The per-voxel weight a method gives the residual ``(B, 1, *spatial)`` in [0, 1], or None (Ŝ ≡ 1).
 
-    ``module.score_map(target)`` when the method defines one (the variance-weighted methods),
-    else its scorer's output; None for a plain backbone or the baseline.
+    The method's :meth:`~adacs_lightning.methods.RegistrationModule.weight_map`; None for a bare backbone.
     """
-    if hasattr(module, "score_map"):
-        return module.score_map(target)
-    scorer = getattr(module, "scorer", None)
-    return scorer(target) if scorer is not None else None
+    weight_map = getattr(module, "weight_map", None)
+    return weight_map(fixed, residual) if weight_map is not None else None
 
 
 def _grid_image(shape: tuple[int, ...], spacing: int = 4, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,17 +65,19 @@ def panel_tensors(module, batch: dict, max_pairs: int = 2) -> list[dict[str, tor
     the displacement, so its lines show the deformation) and ``ddf`` ``(ndim, *spatial)`` in voxels.
     """
     backbone = getattr(module, "backbone", module)
-    source, target = batch["source"][:max_pairs], batch["target"][:max_pairs]
+    batch = {k: v[:max_pairs] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    source, target = batch["source"], batch["target"]
     ddf = backbone(source, target)
-    warp = Warp(mode="bilinear", padding_mode="border")
+    warp = warp_block("bilinear", "border")
     warped = warp(source, ddf)
     error = squared_residual(warped, target).sqrt()
-    score = score_map(module, target)
+    residual = module.similarity(warped, target, batch.get("mask")) if hasattr(module, "similarity") else error**2
+    score = score_map(module, target, residual)
     score = torch.ones_like(error) if score is None else score
     if "mask" in batch:
-        error = error * batch["mask"][:max_pairs]
+        error = error * batch["mask"]
     grid = _grid_image(tuple(source.shape[2:]), like=source).expand(source.shape[0], -1, *source.shape[2:])
-    warped_grid = Warp(mode="bilinear", padding_mode="zeros")(grid, ddf)
+    warped_grid = warp_block("bilinear", "zeros")(grid, ddf)
     images = {
         "source": source,
         "target": target,

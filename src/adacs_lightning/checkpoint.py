@@ -12,8 +12,10 @@ from .backbones import Backbone, as_backbone
 from .errors import AdaCSError
 
 BACKBONE_CONFIG_KEY = "adacs_backbone_config"
-#: Checkpoint entry naming the training method: ``adacs``, ``baseline``, ``nll`` or ``beta_nll``.
+#: Checkpoint entry naming the training method: ``adacs``, ``baseline``, ``nll``, ``beta_nll`` or ``robust``.
 METHOD_KEY = "adacs_method"
+#: Checkpoint entry describing the similarity the run trained with (e.g. ``LocalNCC(window=9)``).
+SIMILARITY_KEY = "adacs_similarity"
 
 
 def method_of(checkpoint: dict[str, Any]) -> str | None:

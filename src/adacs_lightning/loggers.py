@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
@@ -30,6 +33,7 @@ def wandb_logger(
     save_dir: str = ".",
     offline: bool | None = None,
     log_model: bool = False,
+    id: str | None = None,
 ) -> WandbLogger:
     """A :class:`~lightning.pytorch.loggers.WandbLogger`, offline unless W&B credentials are configured.
 
@@ -37,6 +41,7 @@ def wandb_logger(
         offline: True or False to force; None (default) chooses offline when no API key is
             configured and ``WANDB_MODE`` does not say otherwise. Offline runs are written to
             ``<save_dir>/wandb/`` and can be uploaded later with ``wandb sync``.
+        id: a W&B run id to continue (a resumed run sets it from its run folder); None starts a new run.
     """
     if offline is None:
         mode = os.environ.get("WANDB_MODE", "").lower()
@@ -53,6 +58,7 @@ def wandb_logger(
         save_dir=save_dir,
         offline=offline,
         log_model=log_model,
+        **({"id": id, "resume": "allow"} if id else {}),
     )
 
 
@@ -68,3 +74,51 @@ def log_backbone_artifact(loggers: Sequence[Logger], checkpoint_path: str | None
             artifact = wandb.Artifact(name=name, type="model", metadata={"checkpoint": Path(checkpoint_path).name})
             artifact.add_file(checkpoint_path)
             logger.experiment.log_artifact(artifact)
+
+
+class HistoryCSVLogger(CSVLogger):
+    """Lightning's CSV logger that keeps a resumed run's history instead of starting the file afresh.
+
+    Lightning's writer deletes ``metrics.csv`` when it starts. After :meth:`keep_history`, the rows
+    of epochs up to ``through_epoch`` (those the resumed checkpoint holds) are written back first;
+    rows of a later, interrupted epoch are dropped, since the resumed run logs that epoch again.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._history: list[dict[str, str]] | None = None
+        self._header: list[str] = []
+
+    def keep_history(self, through_epoch: int) -> None:
+        """Keep the existing ``metrics.csv`` rows whose epoch is at most ``through_epoch`` (call before training)."""
+        path = Path(self.log_dir) / "metrics.csv"
+        if self._experiment is not None or not path.is_file():
+            return
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            self._header = list(reader.fieldnames or [])
+            rows = list(reader)
+        self._history = [row for row in rows if _epoch_of(row) is None or _epoch_of(row) <= through_epoch]
+        rank_zero_info(f"Resuming: keeping {len(self._history)} rows of {path} (epochs up to {through_epoch}).")
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is not None or self._history is None:
+            return super().experiment
+        writer = super().experiment  # starts the file afresh
+        with open(writer.metrics_file_path, "w", newline="") as handle:
+            out = csv.DictWriter(handle, fieldnames=self._header)
+            out.writeheader()
+            out.writerows(self._history)
+        writer.metrics_keys = list(self._header)
+        self._history = None
+        return writer
+
+
+def _epoch_of(row: dict[str, str]) -> int | None:
+    value = row.get("epoch", "")
+    try:
+        return int(float(value))
+    except ValueError:
+        return None

@@ -1,6 +1,7 @@
-"""The loss terms of AdaCS (METHOD.md), as pure functions: tensors in, tensor out.
+"""The loss terms of the training methods (docs/method.md), as pure functions: tensors in, tensor out.
 
-Shapes: images and score maps are ``(B, C, *spatial)``; displacement fields are
+Shapes: images and score maps are ``(B, C, *spatial)``; a dissimilarity map ``r`` is
+``(B, 1, *spatial)`` (:mod:`adacs_lightning.similarity`); displacement fields are
 ``(B, ndim, *spatial)`` in voxels; an optional field-of-view ``mask`` is
 ``(B, 1, *spatial)`` with 1 inside the imaged region. Every data term is a mean
 over the voxels inside the mask (over the whole batch at once); gradient
@@ -67,32 +68,74 @@ def gradient_energy(field: Tensor, mask: Tensor | None = None) -> Tensor:
     return total
 
 
-def displacement_data_term(residual: Tensor, score: Tensor | None, mask: Tensor | None = None) -> Tensor:
-    """Data term of ``L_de``: ``mean(sg(Ŝ)·r)`` inside the mask; ``Ŝ ≡ 1`` when ``score`` is None.
+#: How a score map weights the dissimilarity in the backbone's data term (docs/method.md, *Data weighting*).
+DATA_WEIGHTINGS = ("mean", "normalised", "scalar")
+
+
+def displacement_data_term(
+    residual: Tensor, score: Tensor | None, mask: Tensor | None = None, weighting: str = "mean"
+) -> Tensor:
+    """Data term of ``L_de`` inside the mask, the score detached; ``Ŝ ≡ 1`` when ``score`` is None.
+
+    * ``mean`` (the paper): ``mean(sg(Ŝ)·r)``; a mean score below 1 also shrinks the data term
+      against ``λ`` (stronger smoothing).
+    * ``normalised``: ``Σ sg(Ŝ)·r / Σ sg(Ŝ)``: the same balance against ``λ`` as the baseline, so
+      only the spatial re-weighting remains.
+    * ``scalar`` (a control): ``mean(r)·mean(sg(Ŝ))``: the shrinkage of ``mean`` without any
+      spatial information.
 
     This is also ``μ_T``, the residual statistic that drives the momentum weight.
     """
-    if score is not None:
-        residual = score.detach() * residual
-    return masked_mean(residual, mask)
+    if weighting not in DATA_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {DATA_WEIGHTINGS}, got {weighting!r}")
+    if score is None:
+        return masked_mean(residual, mask)
+    score = score.detach()
+    if weighting == "mean":
+        return masked_mean(score * residual, mask)
+    if weighting == "normalised":
+        total = masked_mean(score, mask)
+        return masked_mean(score * residual, mask) / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return masked_mean(residual, mask) * masked_mean(score, mask)
 
 
 def displacement_loss(
-    residual: Tensor, ddf: Tensor, score: Tensor | None, lam: float, mask: Tensor | None = None
+    residual: Tensor,
+    ddf: Tensor,
+    score: Tensor | None,
+    lam: float,
+    mask: Tensor | None = None,
+    weighting: str = "mean",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``L_de = mean(sg(Ŝ)·r) + λ·mean‖∇û‖²``.
+    """``L_de = data term + λ·mean‖∇û‖²`` (the data term as :func:`displacement_data_term`).
 
     Returns:
         ``(L_de, data term, displacement smoothness)``, each a scalar.
     """
-    data = displacement_data_term(residual, score, mask)
+    data = displacement_data_term(residual, score, mask, weighting)
     smooth = gradient_energy(ddf, mask)
     return data + lam * smooth, data, smooth
 
 
-def correspondence_loss(score: Tensor, residual: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``L_ucs = mean(Ŝ·sg(r))``: the residual is detached so the scorer never moves the backbone."""
-    return masked_mean(score * residual.detach(), mask)
+def closed_form_score(residual: Tensor, alpha: float) -> Tensor:
+    """``S* = clip(1 − r/(2α), 0, 1)``: the pointwise minimiser of ``S·r + α·(1 − S)²`` over ``S ∈ [0, 1]``.
+
+    Without ``L_smooth`` and the scorer's limited capacity, AdaCS's score tends to this per voxel.
+    Weighting ``r`` by ``sg(S*)`` gives the gradient of the truncated quadratic
+    ``ρ(r) = r − r²/(4α)`` for ``r < 2α``, ``α`` beyond: a classical robust penalty.
+    Same shape as ``residual``, no gradient.
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be positive, got {alpha}")
+    return (1.0 - residual.detach() / (2.0 * alpha)).clamp(0.0, 1.0)
+
+
+def correspondence_loss(score: Tensor, residual: Tensor, mask: Tensor | None = None, detach: bool = True) -> Tensor:
+    """``L_ucs = mean(Ŝ·sg(r))``: the residual is detached so the scorer never moves the backbone.
+
+    ``detach=False`` keeps the residual's graph: the reference code's gradient leak, for reproduction only.
+    """
+    return masked_mean(score * (residual.detach() if detach else residual), mask)
 
 
 def score_regulariser(score: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -107,13 +150,14 @@ def scoring_loss(
     beta: float,
     momentum: Tensor | float,
     mask: Tensor | None = None,
+    detach_residual: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``L_se = L_ucs + α·L_reg + β·m_T·L_smooth``.
+    """``L_se = L_ucs + α·L_reg + β·m_T·L_smooth`` (``detach_residual``: see :func:`correspondence_loss`).
 
     Returns:
         ``(L_se, L_ucs, L_reg, L_smooth)``, each a scalar.
     """
-    ucs = correspondence_loss(score, residual, mask)
+    ucs = correspondence_loss(score, residual, mask, detach_residual)
     reg = score_regulariser(score, mask)
     smooth = gradient_energy(score, mask)
     return ucs + alpha * reg + beta * momentum * smooth, ucs, reg, smooth

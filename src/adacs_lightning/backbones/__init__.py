@@ -15,13 +15,12 @@ from .diffusemorph import DiffuseMorph, diffusemorph
 from .globalnet import globalnet
 from .lapirn import ConditionalLapIRN, lapirn
 from .transmorph import TransMorph, transmorph
-from .voxelmorph import HalfResolutionFlow, voxelmorph
+from .voxelmorph import voxelmorph
 
 __all__ = [
     "Backbone",
     "ConditionalLapIRN",
     "DiffuseMorph",
-    "HalfResolutionFlow",
     "RegistrationOutput",
     "TransMorph",
     "as_backbone",

@@ -11,7 +11,8 @@ spatial axis ``i``, such that ``moving(x + ddf(x))`` matches ``fixed(x)`` (MONAI
   returns ``(warped, ddf)``), or a mapping with key ``"ddf"`` and optionally ``"loss"``,
   an extra training loss the network carries (added to ``L_de``);
 * predict a stationary velocity field instead (``output="velocity"``), integrated by
-  scaling and squaring with MONAI's ``DVF2DDF``.
+  scaling and squaring with MONAI's ``DVF2DDF``, at full or reduced resolution
+  (``integration_downsize=2``: VoxelMorph's ``int_downsize``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from monai.networks.blocks import DVF2DDF
+import torch.nn.functional as F
 from torch import nn
+
+from ..warping import integration_block
 
 Tensor = torch.Tensor
 
@@ -34,6 +37,16 @@ class RegistrationOutput:
 
     ddf: Tensor  # (B, ndim, *spatial), voxels
     extra_loss: Tensor | None = None  # scalar, the network's own training loss, if any
+    # (B, ndim, *grid): the velocity before integration, on the integration grid (voxels of that
+    # grid); None for a network that predicts the displacement directly.
+    velocity: Tensor | None = None
+
+
+def resize_field(field: Tensor, size: tuple[int, ...], factor: float) -> Tensor:
+    """A displacement or velocity field ``(B, ndim, *spatial)`` resampled to ``size`` (corners aligned),
+    its values multiplied by ``factor`` to convert them to the new grid's voxels."""
+    mode = "bilinear" if field.ndim == 4 else "trilinear"
+    return F.interpolate(field, size=tuple(size), mode=mode, align_corners=True) * factor
 
 
 def infer_image_geometry(net: nn.Module) -> tuple[int, int] | None:
@@ -72,6 +85,10 @@ class Backbone(nn.Module):
         output: ``"ddf"`` if the network predicts the displacement, ``"velocity"`` if it
             predicts a stationary velocity field to integrate.
         integration_steps: scaling-and-squaring steps for ``output="velocity"``.
+        integration_downsize: integrate on a grid this many times coarser (1: full resolution;
+            2: VoxelMorph's ``int_downsize=2``): the velocity is resampled down (values divided by
+            it), integrated, and the displacement resampled back (values multiplied by it).
+            Spatial sizes must divide by it.
         spatial_dims: 2 or 3; read from the network's first convolution when omitted.
         in_channels: image channels; read from the first convolution when omitted (half its
             input channels when even, as for a concatenated pair; 1 if unknown).
@@ -86,6 +103,7 @@ class Backbone(nn.Module):
         inputs: Literal["auto", "pair", "concat"] = "auto",
         output: Literal["ddf", "velocity"] = "ddf",
         integration_steps: int = 7,
+        integration_downsize: int = 1,
         spatial_dims: int | None = None,
         in_channels: int | None = None,
     ) -> None:
@@ -94,10 +112,13 @@ class Backbone(nn.Module):
             raise ValueError(f"inputs must be 'auto', 'pair' or 'concat', got {inputs!r}")
         if output not in ("ddf", "velocity"):
             raise ValueError(f"output must be 'ddf' or 'velocity', got {output!r}")
+        if integration_downsize < 1:
+            raise ValueError(f"integration_downsize must be at least 1, got {integration_downsize}")
         self.net = net
         self.concat_inputs = inputs == "concat" or (inputs == "auto" and _positional_arity(net) == 1)
         self.output = output
-        self.integrate = DVF2DDF(num_steps=integration_steps) if output == "velocity" else None
+        self.integrate = integration_block(integration_steps) if output == "velocity" else None
+        self.integration_downsize = int(integration_downsize)
 
         geometry = infer_image_geometry(net)
         if spatial_dims is None:
@@ -151,13 +172,35 @@ class Backbone(nn.Module):
                 "and that it keeps the input's spatial size."
             )
 
-    def _to_ddf(self, field: Tensor) -> Tensor:
-        return self.integrate(field) if self.integrate is not None else field
+    def _integration_grid(self, field: Tensor) -> Tensor:
+        """The velocity on the grid it is integrated on (in that grid's voxels)."""
+        k = self.integration_downsize
+        if k == 1:
+            return field
+        full = field.shape[2:]
+        if any(s % k for s in full):
+            raise ValueError(
+                f"{self.name} integrates its velocity on a grid {k}× coarser, so spatial sizes must divide by {k}; "
+                f"got {tuple(full)}."
+            )
+        return resize_field(field, tuple(s // k for s in full), 1.0 / k)
+
+    def _integrated(self, velocity: Tensor, size: tuple[int, ...]) -> Tensor:
+        """Scaling and squaring of a velocity on its integration grid; the displacement at ``size``."""
+        ddf = self.integrate(velocity)
+        return ddf if tuple(ddf.shape[2:]) == size else resize_field(ddf, size, float(self.integration_downsize))
+
+    def _output(self, field: Tensor, extra: Tensor | None) -> RegistrationOutput:
+        if self.integrate is None:
+            return RegistrationOutput(field, extra)
+        velocity = self._integration_grid(field)
+        return RegistrationOutput(self._integrated(velocity, tuple(field.shape[2:])), extra, velocity)
 
     def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
         """Displacement ``(B, ndim, *spatial)`` in voxels that warps ``moving`` onto ``fixed``."""
         self._check_pair(moving, fixed)
-        return self._to_ddf(self._call(moving, fixed)[0])
+        field, _ = self._call(moving, fixed)
+        return self._output(field, None).ddf
 
     def forward_train(
         self, moving: Tensor, fixed: Tensor, bidirectional: bool = False
@@ -170,13 +213,14 @@ class Backbone(nn.Module):
         """
         self._check_pair(moving, fixed)
         field, extra = self._call(moving, fixed)
-        forward = RegistrationOutput(self._to_ddf(field), extra)
+        forward = self._output(field, extra)
         if not bidirectional:
             return forward, None
-        if self.integrate is not None:
-            return forward, RegistrationOutput(self._to_ddf(-field))
+        if forward.velocity is not None:
+            size = tuple(field.shape[2:])
+            return forward, RegistrationOutput(self._integrated(-forward.velocity, size), None, -forward.velocity)
         back_field, back_extra = self._call(fixed, moving)
-        return forward, RegistrationOutput(back_field, back_extra)
+        return forward, self._output(back_field, back_extra)
 
     def _check_pair(self, moving: Tensor, fixed: Tensor) -> None:
         if moving.shape != fixed.shape:
@@ -186,7 +230,8 @@ class Backbone(nn.Module):
         if moving.ndim != self.spatial_dims + 2:
             raise ValueError(
                 f"{self.name} is set up for {self.spatial_dims}D images (batch, channel, "
-                f"{', '.join('xyz'[: self.spatial_dims])}), but got a tensor of shape {tuple(moving.shape)}. "
+                f"{', '.join('xyz'[: self.spatial_dims])}), but got {moving.ndim - 2}D images of shape "
+                f"{tuple(moving.shape)}. "
                 "Use a backbone and data config with matching spatial_dims."
             )
 

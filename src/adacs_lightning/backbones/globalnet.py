@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from monai.networks.nets import GlobalNet
+from monai.utils import ensure_tuple_rep
 
 from ._checks import check_divisible
 from .adapter import Backbone
@@ -24,7 +25,7 @@ def globalnet(
     ``affine(x) - x`` in voxels, ``(B, spatial_dims, *image_size)``, starting at identity.
     Sizes must divide by ``2**depth`` and every batch must have exactly ``image_size``.
     """
-    size = [int(image_size)] * spatial_dims if isinstance(image_size, int) else [int(s) for s in image_size]
+    size = [int(s) for s in ensure_tuple_rep(image_size, spatial_dims)]
     check_divisible(size, 2**depth, "image_size", "GlobalNet", f"depth {depth} halves the size {depth} times")
     net = GlobalNet(
         image_size=size,

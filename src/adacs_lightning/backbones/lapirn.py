@@ -28,10 +28,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, Warp
+from monai.networks.blocks import Convolution
 from torch import nn
 
 from ..errors import ConfigError
+from ..warping import warp_block
 from .adapter import Backbone
 
 
@@ -161,8 +162,8 @@ class ConditionalLapIRN(nn.Module):
         self.levels = nn.ModuleList(
             [PyramidLevel(spatial_dims, level_inputs, features, res_blocks, embedding_dim) for _ in range(levels)]
         )
-        self.warp_image = Warp(mode="bilinear", padding_mode="zeros")
-        self.warp_field = Warp(mode="bilinear", padding_mode="border")
+        self.warp_image = warp_block("bilinear", "zeros")
+        self.warp_field = warp_block("bilinear", "border")
 
     def forward(
         self, moving: torch.Tensor, fixed: torch.Tensor, reg_weight: float | torch.Tensor | None = None

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 from monai.networks.blocks import Convolution, UnetrUpBlock
 from monai.networks.nets.swin_unetr import PatchMergingV2, SwinTransformer
+from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from ..errors import ConfigError
@@ -57,7 +58,7 @@ class _MergeAllButLast:
 
 
 def _as_tuple(value: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
-    return (int(value),) * spatial_dims if isinstance(value, int) else tuple(int(v) for v in value)
+    return tuple(int(v) for v in ensure_tuple_rep(value, spatial_dims))
 
 
 def check_size(size: Sequence[int], divisor: int, setting: str) -> None:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
-from monai.networks.blocks import DVF2DDF
 from monai.networks.nets import VoxelMorphUNet
 from torch import nn
 
@@ -22,39 +19,10 @@ def _init_flow_head(net: nn.Module, std: float = 1e-5) -> None:
         nn.init.zeros_(last.bias)
 
 
-def _resize_field(field: torch.Tensor, size: Sequence[int], factor: float) -> torch.Tensor:
-    """A displacement or velocity field ``(B, ndim, *spatial)`` resampled to ``size``, in the new grid's voxels."""
-    mode = "bilinear" if field.ndim == 4 else "trilinear"
-    return F.interpolate(field, size=tuple(size), mode=mode, align_corners=True) * factor
-
-
-class HalfResolutionFlow(nn.Module):
-    """VoxelMorph's ``int_downsize=2``: integrate the velocity at half resolution, then upsample.
-
-    Wraps a network mapping the concatenated pair ``(B, 2C, *spatial)`` to a velocity field
-    ``(B, ndim, *spatial)`` in voxels. The velocity is resampled to half size (its values
-    halved, to half-grid voxels), integrated by scaling and squaring (MONAI ``DVF2DDF``),
-    and the displacement resampled back (values doubled). Returns the displacement
-    ``(B, ndim, *spatial)`` in full-resolution voxels. Spatial sizes must be even.
-    """
-
-    def __init__(self, net: nn.Module, integration_steps: int = 7) -> None:
-        super().__init__()
-        self.net = net
-        self.integrate = DVF2DDF(num_steps=integration_steps)
-
-    def forward(self, pair: torch.Tensor) -> torch.Tensor:
-        velocity = self.net(pair)
-        full = velocity.shape[2:]
-        half = [s // 2 for s in full]
-        ddf_half = self.integrate(_resize_field(velocity, half, 0.5))
-        return _resize_field(ddf_half, full, 2.0)
-
-
 def voxelmorph(
     spatial_dims: int = 2,
     in_channels: int = 1,
-    channels: Sequence[int] = (16, 32, 32, 32, 32, 32),
+    channels: Sequence[int] = (16, 32, 32, 32, 32, 32, 32, 32),
     unet_out_channels: int = 32,
     final_conv_channels: Sequence[int] = (16, 16),
     integration_steps: int = 7,
@@ -62,18 +30,21 @@ def voxelmorph(
 ) -> Backbone:
     """VoxelMorph (Balakrishnan et al., TMI 2019): a U-Net predicting a velocity field.
 
-    The defaults are the VoxelMorph paper's widths (encoder 16, 32, 32, 32; decoder
-    32, 32, 32, 32, 32, 16, 16) in MONAI's ``VoxelMorphUNet`` parameterisation, and
+    The defaults are the VoxelMorph paper's network, as the AdaCS reference trains it: encoder
+    16, 32, 32, 32 down to 1/16 of the input size, decoder 32, 32, 32, 32 back up and 32, 16, 16
+    at full resolution (109,170 parameters in 2D, 327,331 in 3D), in MONAI's ``VoxelMorphUNet``
+    parameterisation (``channels`` pairs an encoder level with its decoder level, coarsest last;
+    ``unet_out_channels`` and ``final_conv_channels`` are the full-resolution convolutions), and
     ``integration_steps=7`` of scaling and squaring (0 predicts the displacement directly).
     ``half_resolution=True`` integrates the velocity on a half-size grid, as VoxelMorph's
-    ``int_downsize=2`` (its 3D default). MONAI's ``VoxelMorph(half_res=True)`` is not used: it
-    scales the velocity by 2 before integrating and by 1/2 after, the inverse of the grid
-    change, and interpolates trilinearly only (3D).
+    ``int_downsize=2`` (the reference's setting); the bidirectional mode then integrates the
+    negated half-size velocity. MONAI's ``VoxelMorph(half_res=True)`` is not used: it scales the
+    velocity by 2 before integrating and by 1/2 after, the inverse of the grid change.
 
     Returns:
         a :class:`Backbone` taking ``(moving, fixed)`` ``(B, in_channels, *spatial)``
         and returning the displacement ``(B, spatial_dims, *spatial)`` in voxels.
-        Spatial sizes must divide by 16.
+        Spatial sizes must divide by ``2^(len(channels)/2)`` (16 by default).
     """
     if half_resolution and integration_steps <= 0:
         raise ConfigError(
@@ -89,22 +60,15 @@ def voxelmorph(
         final_conv_channels=tuple(final_conv_channels),
     )
     _init_flow_head(unet)
-    if half_resolution:
-        return Backbone(
-            HalfResolutionFlow(unet, integration_steps),
-            inputs="concat",
-            output="ddf",
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-        )
     return Backbone(
         unet,
         inputs="concat",
         output="velocity" if integration_steps > 0 else "ddf",
         integration_steps=max(integration_steps, 1),
+        integration_downsize=2 if half_resolution else 1,
         spatial_dims=spatial_dims,
         in_channels=in_channels,
     )
 
 
-__all__ = ["HalfResolutionFlow", "voxelmorph"]
+__all__ = ["voxelmorph"]

@@ -20,6 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ..errors import AdaCSError
+from ..evaluation.fair import fair_comparison, selection_summary
 from ..evaluation.report import evaluate
 
 log = logging.getLogger("adacs_lightning")
@@ -50,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-cases", type=int, default=None, help="evaluate the first N cases only")
     parser.add_argument("--figures", type=int, default=2, help="Figure 4 panels of the first N cases of each run")
     parser.add_argument("--skip-missing", action="store_true", help="skip runs without a checkpoint")
+    parser.add_argument(
+        "--checkpoint",
+        default="selected",
+        choices=("selected", "best", "last"),
+        help="which checkpoint of a run folder: the one the run selected (final_checkpoint), the best or the last",
+    )
+    parser.add_argument(
+        "--choose-lambda",
+        action="store_true",
+        help=(
+            "the runs are a sweep over method × λ × seed: choose each method's λ on validation Dice, then compare "
+            "the methods at their chosen λ on the test pairs (validation.md, tradeoff.png, comparison.md)"
+        ),
+    )
     return parser
 
 
@@ -77,6 +92,15 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
         raise AdaCSError(f"--data {args.data} and data={data} disagree: give one.")
     if args.max_cases is not None and args.max_cases < 1:
         raise AdaCSError("--max-cases must be at least 1.")
+    if args.choose_lambda:
+        if data is not None or overrides or args.data is not None:
+            raise AdaCSError("--choose-lambda evaluates each run on its own data: leave out data overrides.")
+        output = args.output or Path(_common_folder(paths)) / "fair_comparison"
+        fair = fair_comparison(paths, output, device=args.device, max_cases=args.max_cases)
+        print(fair.files["validation_md"].read_text())
+        print(selection_summary(fair))
+        print(f"Written to {output}")
+        return fair.files
     report = evaluate(
         paths,
         output=args.output,
@@ -88,6 +112,7 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
         max_cases=args.max_cases,
         figures=max(args.figures, 0),
         skip_missing=args.skip_missing,
+        checkpoint=args.checkpoint,
     )
     print(report.files["summary_md"].read_text())
     if "comparison_md" in report.files:
@@ -134,6 +159,37 @@ class CompareOnMultirunEnd(Callback):
             return
         written = report.files.get("comparison_md", report.files["summary_md"])
         log.info("Comparison of %d runs: %s\n%s", len(runs), written, written.read_text())
+
+
+class FairComparisonOnMultirunEnd(Callback):
+    """Hydra callback: when a method × λ × seed sweep ends, choose each method's λ on validation Dice and
+    compare the methods at their chosen λ on the test pairs (see :func:`~adacs_lightning.evaluation.fair.fair_comparison`).
+
+    Writes ``validation.md``, ``tradeoff.png``, ``comparison.md``/``.csv`` and ``paired_tests.csv`` to the sweep folder.
+
+    Args:
+        device: where the backbones run for the test evaluation.
+    """
+
+    def __init__(self, device: str = "auto") -> None:
+        self.device = device
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        runs = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra" / "config.yaml").is_file())
+        try:
+            report = fair_comparison(runs, sweep_dir, device=self.device)
+        except AdaCSError as error:
+            log.error("The fair comparison of %s failed: %s", sweep_dir, error)
+            return
+        log.info("Fair comparison of %d runs in %s:\n%s", len(runs), sweep_dir, selection_summary(report))
+
+
+def _common_folder(paths: list[str]) -> str:
+    import os
+
+    folders = [str(Path(p).resolve()) for p in paths]
+    return os.path.commonpath(folders) if len(folders) > 1 else str(Path(folders[0]).parent)
 
 
 if __name__ == "__main__":

@@ -114,12 +114,14 @@ def training_intensity(model: Path) -> str | None:
         return None
     if "intensity" in data:
         value = OmegaConf.select(data, "intensity", throw_on_resolution_failure=False)
-        return None if value is None else str(value)
-    try:  # the setting left out of the config: the data module's default
-        default = inspect.signature(get_class(str(data.get("_target_")))).parameters.get("intensity")
-    except Exception:  # not importable here
-        return None
-    return None if default is None or default.default is inspect.Parameter.empty else str(default.default)
+    else:
+        try:  # the setting left out of the config: the data module's default
+            default = inspect.signature(get_class(str(data.get("_target_")))).parameters.get("intensity")
+        except Exception:  # not importable here
+            return None
+        value = None if default is None or default.default is inspect.Parameter.empty else default.default
+    # Only the file data sets' scalings apply to a file; synthetic data is generated in [0, 1].
+    return str(value) if value in INTENSITY_MODES else None
 
 
 def main(argv: list[str] | None = None) -> None:

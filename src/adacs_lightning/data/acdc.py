@@ -18,6 +18,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from monai.transforms import Compose, EnsureChannelFirstd, Spacingd
 
@@ -29,6 +30,7 @@ from .pairs import Catalog, PairSpec, Unit, split_ids
 from .transforms import (
     INTENSITY_MODES,
     CheckShapesd,
+    CheckValuesd,
     CropAroundCentroidd,
     Finalised,
     RecordSpacingd,
@@ -92,23 +94,9 @@ class ACDCDataModule(FileDataModule):
         slices: str = "labelled",
         use_labels: bool = True,
         intensity: str = "percentile",
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.1,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
-        eval_labels: Sequence[int] | None = (MYOCARDIUM,),
-        train_pairs: int | None = None,
-        val_pairs: int | None = None,
-        test_pairs: int | None = None,
-        strict: bool = False,
-        output_dir: str | None = None,
-        cache_workers: int = 1,
+        **loading: Any,
     ) -> None:
-        super().__init__(
-            spatial_dims, batch_size, num_workers, seed, eval_labels,
-            train_pairs, val_pairs, test_pairs, strict, output_dir, cache_workers,
-        )  # fmt: skip
+        super().__init__(spatial_dims, **{"eval_labels": (MYOCARDIUM,), "val_fraction": 0.2, **loading})
         if spatial_dims != 2:
             raise ConfigError(
                 "spatial_dims",
@@ -127,7 +115,6 @@ class ACDCDataModule(FileDataModule):
         self.slices = slices
         self.use_labels = bool(use_labels)
         self.intensity = intensity
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
 
     # ------------------------------------------------------------------ discovery
     def discover(self) -> Catalog:
@@ -221,6 +208,7 @@ class ACDCDataModule(FileDataModule):
                     fix="The ED and ES frames of a patient must have the same slices: re-export them or remove "
                     "the patient folder.",
                 ),
+                CheckValuesd(keys),
                 Spacingd(
                     keys,
                     pixdim=(self.spacing, self.spacing, 0.0),  # 0: keep the slice spacing

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 from monai.transforms import Compose
+from monai.utils import ensure_tuple_rep
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import ConfigError
@@ -16,7 +17,8 @@ from .bad_cases import BadCase, write_report
 from .pairs import SPLITS, CachedPairs, Catalog, PairSpec
 
 log = logging.getLogger("adacs_lightning")
-_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+#: The splits a Lightning stage needs.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
 class PairDataModule(L.LightningDataModule):
@@ -66,6 +68,13 @@ class PairDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def validation_has_labels(self) -> bool:
+        """Whether the validation pairs carry label maps (``val/dice`` exists only then); sets the data up."""
+        if "val" not in self.datasets:
+            self.setup("fit")
+        dataset = self.datasets.get("val")
+        return dataset is not None and len(dataset) > 0 and "target_label" in dataset[0]
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
@@ -80,22 +89,45 @@ def as_size(value: int | Sequence[int] | None, ndim: int, setting: str = "data.i
     """``image_size`` as one int per axis (an int stands for all ``ndim`` axes); None stays None."""
     if value is None:
         return None
-    size = (int(value),) * ndim if isinstance(value, int) else tuple(int(v) for v in value)
+    try:
+        size = tuple(int(v) for v in ensure_tuple_rep(value, ndim))
+    except ValueError:
+        size = ()
     if len(size) != ndim or min(size) < 4:
         raise ConfigError(setting, f"needs {ndim} sizes of at least 4 voxels, got {value}.", f"E.g. {setting}=128.")
     return size
+
+
+def as_spacing(value: float | Sequence[float] | None, ndim: int, setting: str = "data.spacing") -> list[float] | None:
+    """A spacing in mm as one float per axis (a number stands for all ``ndim`` axes); None stays None."""
+    if value is None:
+        return None
+    try:
+        spacing = [float(v) for v in ensure_tuple_rep(value, ndim)]
+    except ValueError:
+        spacing = []
+    if len(spacing) != ndim or min(spacing) <= 0:
+        raise ConfigError(setting, f"needs {ndim} positive spacings in mm, got {value}.", f"E.g. {setting}=1.5.")
+    return spacing
 
 
 class FileDataModule(PairDataModule):
     """A data set read from disk: discovery, patient-level splits, a cache, and the reports of a run.
 
     Subclasses implement :meth:`discover` (a :class:`Catalog` of units and pairs per split, found
-    without reading any image) and :meth:`pipeline` (the deterministic MONAI transforms of a unit).
+    without reading any image) and :meth:`pipeline` (the deterministic MONAI transforms of a unit),
+    and take the loading settings below as keyword arguments passed on unchanged.
     ``setup`` preprocesses the units of the needed splits once (``CacheDataset``), skips unusable
     cases with a warning (or raises when ``strict``), and writes ``splits.json`` and
     ``skipped_cases.json`` to ``output_dir``.
 
     Args:
+        spatial_dims: 2 or 3.
+        batch_size: pairs per micro-batch (per process under DDP).
+        num_workers: data-loader workers (pairs are cached in memory: 0 is usually best).
+        seed: seed of the split and of the data order.
+        eval_labels: label values whose mean Dice is ``val/dice``; None: every non-zero label found.
+        val_fraction, test_fraction: fractions held out when the data set has no official split.
         train_pairs, val_pairs, test_pairs: keep at most this many pairs per split (None: all).
         strict: stop at the first unusable case instead of skipping it.
         output_dir: the run folder for ``splits.json`` / ``skipped_cases.json`` (None: not written).
@@ -106,11 +138,14 @@ class FileDataModule(PairDataModule):
 
     def __init__(
         self,
-        spatial_dims: int,
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        eval_labels: Sequence[int] | None,
+        spatial_dims: int = 2,
+        *,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        eval_labels: Sequence[int] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
         train_pairs: int | None = None,
         val_pairs: int | None = None,
         test_pairs: int | None = None,
@@ -123,6 +158,7 @@ class FileDataModule(PairDataModule):
         for split, count in self.max_pairs.items():
             if count is not None and count < 1:
                 raise ConfigError(f"{split}_pairs", f"must be at least 1 (or null for all), got {count}.")
+        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.strict = bool(strict)
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.cache_workers = int(cache_workers)
@@ -154,7 +190,7 @@ class FileDataModule(PairDataModule):
             if self._writes():
                 self._write_splits()
         pipeline = self.pipeline()
-        for split in _STAGE_SPLITS.get(stage, SPLITS):
+        for split in STAGE_SPLITS.get(stage, SPLITS):
             if split in self.datasets:
                 continue
             pairs = self.catalog.pairs.get(split, [])

@@ -24,6 +24,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from monai.transforms import Compose, EnsureChannelFirstd, Transposed
 
@@ -34,6 +35,7 @@ from .io import LoadFilesd, read_cfg
 from .pairs import Catalog, PairSpec, Unit, split_ids
 from .transforms import (
     CheckShapesd,
+    CheckValuesd,
     Finalised,
     RecordSpacingd,
     ResizeSpacingd,
@@ -88,23 +90,9 @@ class CAMUSDataModule(FileDataModule):
         use_labels: bool = True,
         sector_threshold: float = 0.01,
         sector_closing: int = 3,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
-        eval_labels: Sequence[int] | None = (MYOCARDIUM,),
-        train_pairs: int | None = None,
-        val_pairs: int | None = None,
-        test_pairs: int | None = None,
-        strict: bool = False,
-        output_dir: str | None = None,
-        cache_workers: int = 1,
+        **loading: Any,
     ) -> None:
-        super().__init__(
-            spatial_dims, batch_size, num_workers, seed, eval_labels,
-            train_pairs, val_pairs, test_pairs, strict, output_dir, cache_workers,
-        )  # fmt: skip
+        super().__init__(spatial_dims, **{"eval_labels": (MYOCARDIUM,), **loading})
         if spatial_dims != 2:
             raise ConfigError("spatial_dims", f"CAMUS frames are 2D images; got {spatial_dims}.", "Use 2.")
         views = [str(v).upper() for v in views]
@@ -118,7 +106,6 @@ class CAMUSDataModule(FileDataModule):
         self.views, self.qualities = views, qualities
         self.use_labels = bool(use_labels)
         self.sector_threshold, self.sector_closing = float(sector_threshold), int(sector_closing)
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
 
     # ------------------------------------------------------------------ discovery
     def discover(self) -> Catalog:
@@ -244,6 +231,7 @@ class CAMUSDataModule(FileDataModule):
                 ToSpatialDimsd(keys, 2, fix="CAMUS ED/ES frames are single 2D images (not the _half_sequence files)."),
                 CheckShapesd([("ed", "label_ed"), ("es", "label_es")]),
                 CheckShapesd([("ed", "es")], fix="The ED and ES frames of a view must have one size: remove the view."),
+                CheckValuesd(keys),
                 RecordSpacingd("ed", axes=(1, 0)),
                 Transposed(keys, indices=(0, 2, 1)),  # (W, H) as stored → (H: depth, W: lateral)
                 intensity(images, "minmax"),

@@ -11,17 +11,19 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, ResizeWithPadOrCropd, Spacingd
 
 from ..errors import ConfigError
 from .bad_cases import BadCase, DataError, skip_or_raise
-from .base import FileDataModule, as_size
+from .base import FileDataModule, as_size, as_spacing
 from .io import LoadFilesd
 from .pairs import SPLITS, Catalog, PairSpec, Unit, split_ids
 from .transforms import (
     INTENSITY_MODES,
     CheckShapesd,
+    CheckValuesd,
     Finalised,
     RecordSpacingd,
     ResizeSpacingd,
@@ -74,23 +76,9 @@ class FolderDataModule(FileDataModule):
         spacing: float | Sequence[float] | None = None,
         orientation: str | None = "RAS",
         intensity: str = "minmax",
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
-        eval_labels: Sequence[int] | None = None,
-        train_pairs: int | None = None,
-        val_pairs: int | None = None,
-        test_pairs: int | None = None,
-        strict: bool = False,
-        output_dir: str | None = None,
-        cache_workers: int = 1,
+        **loading: Any,
     ) -> None:
-        super().__init__(
-            spatial_dims, batch_size, num_workers, seed, eval_labels,
-            train_pairs, val_pairs, test_pairs, strict, output_dir, cache_workers,
-        )  # fmt: skip
+        super().__init__(spatial_dims, **loading)
         if intensity not in INTENSITY_MODES:
             raise ConfigError("intensity", f"must be one of {INTENSITY_MODES}, got {intensity!r}.")
         self.csv = csv
@@ -98,14 +86,9 @@ class FolderDataModule(FileDataModule):
         self.resize = bool(resize)
         if resize and self.image_size is None:
             raise ConfigError("resize", "is true but data.image_size is not set.", "Set data.image_size, e.g. 128.")
-        if spacing is None:
-            self.spacing = None
-        else:
-            values = [float(spacing)] * self.spatial_dims if isinstance(spacing, (int, float)) else list(spacing)
-            self.spacing = [float(v) for v in values]
+        self.spacing = as_spacing(spacing, self.spatial_dims)
         self.orientation = orientation
         self.intensity = intensity
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
         self.columns: list[str] = []
 
     # ------------------------------------------------------------------ discovery
@@ -195,6 +178,7 @@ class FolderDataModule(FileDataModule):
             EnsureChannelFirstd(keys, allow_missing_keys=True),
             ToSpatialDimsd(keys, self.spatial_dims),
             CheckShapesd([("source", "label_source"), ("target", "label_target"), ("target", "mask")]),
+            CheckValuesd(keys),
         ]
         if self.orientation and self.spatial_dims == 3:
             steps.append(Orientationd(keys, axcodes=self.orientation, labels=None, allow_missing_keys=True))

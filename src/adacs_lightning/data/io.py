@@ -1,13 +1,16 @@
-"""Reading image files: a SimpleITK-backed MONAI reader, a loader naming the file on failure, and ``.cfg`` files.
+"""Reading image files, the one way every part of the product reads them.
 
 NIfTI goes through MONAI's ``NibabelReader``; MHA/MHD and NRRD through :class:`SimpleITKReader`.
-Both return arrays in the file's index order ``(i, j[, k])`` (the fastest-varying axis first),
-so a file reads the same whichever format it is stored in.
+Both return arrays in the file's index order ``(i, j[, k])`` (the fastest-varying axis first) with
+a voxel-to-world affine in RAS millimetres, so a file reads the same whichever format it is stored
+in. The data modules load with :class:`LoadFilesd`; ``adacs-register`` and the evaluation with
+:func:`read_image`; both use the same MONAI ``LoadImage`` readers (:func:`image_loader`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 from monai.data import ImageReader
 from monai.data.utils import is_supported_format
-from monai.transforms import LoadImaged, MapTransform
+from monai.transforms import LoadImage, LoadImaged, MapTransform
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from .bad_cases import DataError
@@ -85,6 +88,67 @@ def make_loader(keys: Sequence[str]) -> LoadImaged:
     loader = LoadImaged(keys=keys, image_only=True, dtype=np.float32)
     loader.register(SimpleITKReader())
     return loader
+
+
+def image_loader() -> LoadImage:
+    """MONAI ``LoadImage`` with :class:`SimpleITKReader` registered: the readers :class:`LoadFilesd` uses."""
+    loader = LoadImage(image_only=True, dtype=np.float32)
+    loader.register(SimpleITKReader())
+    return loader
+
+
+@dataclass
+class Volume:
+    """An image: ``array`` ``(*spatial)`` in index order and its 4×4 RAS ``affine`` (mm); ``spacing`` per axis."""
+
+    array: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(float(np.linalg.norm(self.affine[:3, i])) for i in range(self.array.ndim))
+
+
+def read_image(path: str | Path, spatial_dims: int | None = None) -> Volume:
+    """Read a scalar image as the data modules do; trailing singleton axes are dropped down to ``spatial_dims``.
+
+    Raises :class:`DataError` naming the file when it is missing, not an image, or not scalar.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "is missing.", "Check the path.")
+    if not str(path).lower().endswith(IMAGE_SUFFIXES):
+        raise DataError(
+            path, "is not a NIfTI, MHA/MHD or NRRD file.", f"Convert it to one of {', '.join(IMAGE_SUFFIXES)}."
+        )
+    try:
+        image = image_loader()(str(path))
+    except Exception as error:  # any reader failure means the file cannot be used
+        raise DataError(path, f"could not be read as an image ({_root_message(error)}).", "Check the file.") from error
+    if image.meta.get(MetaKeys.ORIGINAL_CHANNEL_DIM) == -1:
+        raise DataError(path, f"has vector voxels (shape {tuple(image.shape)}).", "Give a scalar image.")
+    array = np.asarray(image, dtype=np.float32)
+    affine = _as_4x4(np.asarray(image.affine, dtype=np.float64))
+    target = spatial_dims or array.ndim
+    while array.ndim > target and array.shape[-1] == 1:
+        array = array[..., 0]
+    if spatial_dims is not None and array.ndim != spatial_dims:
+        raise DataError(
+            path,
+            f"has shape {array.shape}, but the network registers {spatial_dims}D images.",
+            "Give a scalar image with that many axes (vector or multi-frame images are not supported).",
+        )
+    return Volume(array, affine)
+
+
+def _as_4x4(affine: np.ndarray) -> np.ndarray:
+    """A 2D image's 3×3 affine embedded in 4×4 (the slice at z = 0); a 4×4 affine unchanged."""
+    if affine.shape == (4, 4):
+        return affine
+    ndim = affine.shape[0] - 1
+    full = np.eye(4)
+    full[:ndim, :ndim], full[:ndim, 3] = affine[:ndim, :ndim], affine[:ndim, ndim]
+    return full
 
 
 class LoadFilesd(MapTransform):

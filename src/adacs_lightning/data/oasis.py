@@ -18,15 +18,24 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, ResizeWithPadOrCropd, Spacingd
 
 from ..errors import ConfigError
 from .bad_cases import BadCase, DataError, skip_or_raise
-from .base import FileDataModule, as_size, require_folder
+from .base import FileDataModule, as_size, as_spacing, require_folder
 from .io import LoadFilesd
 from .pairs import Catalog, PairSpec, Unit, split_ids
-from .transforms import INTENSITY_MODES, CheckShapesd, Finalised, RecordSpacingd, ToSpatialDimsd, intensity
+from .transforms import (
+    INTENSITY_MODES,
+    CheckShapesd,
+    CheckValuesd,
+    Finalised,
+    RecordSpacingd,
+    ToSpatialDimsd,
+    intensity,
+)
 
 _SUBJECT = re.compile(r"(OASIS_\d+)")
 
@@ -68,23 +77,9 @@ class OASISDataModule(FileDataModule):
         intensity: str = "minmax",
         use_labels: bool = True,
         use_masks: bool = True,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        batch_size: int = 1,
-        num_workers: int = 0,
-        seed: int = 0,
-        eval_labels: Sequence[int] | None = None,
-        train_pairs: int | None = None,
-        val_pairs: int | None = None,
-        test_pairs: int | None = None,
-        strict: bool = False,
-        output_dir: str | None = None,
-        cache_workers: int = 1,
+        **loading: Any,
     ) -> None:
-        super().__init__(
-            spatial_dims, batch_size, num_workers, seed, eval_labels,
-            train_pairs, val_pairs, test_pairs, strict, output_dir, cache_workers,
-        )  # fmt: skip
+        super().__init__(spatial_dims, **{"batch_size": 1, **loading})
         if spatial_dims != 3:
             raise ConfigError(
                 "spatial_dims", f"OASIS volumes are 3D; got {spatial_dims}.", "Use 3 (and a 3D backbone)."
@@ -93,15 +88,10 @@ class OASISDataModule(FileDataModule):
             raise ConfigError("intensity", f"must be one of {INTENSITY_MODES}, got {intensity!r}.")
         self.root = root
         self.image_size = as_size(image_size, 3)
-        self.spacing = (
-            None
-            if spacing is None
-            else ([float(spacing)] * 3 if isinstance(spacing, (int, float)) else [float(s) for s in spacing])
-        )
+        self.spacing = as_spacing(spacing, 3)
         self.orientation = orientation
         self.intensity = intensity
         self.use_labels, self.use_masks = bool(use_labels), bool(use_masks)
-        self.val_fraction, self.test_fraction = float(val_fraction), float(test_fraction)
 
     # ------------------------------------------------------------------ discovery
     def discover(self) -> Catalog:
@@ -191,6 +181,7 @@ class OASISDataModule(FileDataModule):
             EnsureChannelFirstd(keys, allow_missing_keys=True),
             ToSpatialDimsd(keys, 3, fix="OASIS volumes are 3D: give the imagesTr/labelsTr volumes."),
             CheckShapesd([("image", "label_image"), ("image", "mask_image")]),
+            CheckValuesd(keys),
         ]
         if self.orientation:
             steps.append(Orientationd(keys, axcodes=self.orientation, labels=None, allow_missing_keys=True))

@@ -7,10 +7,14 @@ field, so an exact correspondence exists and the label maps measure how well it 
 recovered. Nuisances are applied to each frame independently afterwards and never to
 the labels. Each is modelled on how an echocardiogram is formed:
 
-* speckle: fully developed speckle is the magnitude of a complex Gaussian field whose
-  grain is the point-spread function; it decorrelates between frames (Rayleigh,
-  multiplicative). ``noise="rician"`` instead adds complex Gaussian noise and takes the
-  magnitude, as in magnitude MRI;
+* speckle: fully developed speckle is the magnitude of a complex Gaussian field, the
+  interference of the tissue's scatterers seen through the point-spread function (Rayleigh,
+  multiplicative). The scatterers belong to the tissue, so the ES pattern is the ED pattern
+  carried by the motion, partly replaced by a fresh one (``speckle_correlation``: in-plane
+  strain and out-of-plane motion bring other scatterers into the resolution cell; the
+  Lagrangian speckle model of Maurice & Bertrand, IEEE TMI 1999; docs/data.md). 0 gives
+  independent speckle in each frame. ``noise="rician"`` instead adds complex Gaussian noise
+  and takes the magnitude, as in magnitude MRI;
 * intensity drift: a smooth multiplicative gain field and a global gain change between
   frames (time-gain compensation, probe contact);
 * acoustic shadow: everything distal to an occluder (a rib, a calcification) along a
@@ -20,6 +24,9 @@ the labels. Each is modelled on how an echocardiogram is formed:
   the endocardium, returns almost no echo;
 * a structure present in the target only (a papillary muscle or trabeculation moving
   into the imaged plane);
+* a contrast change (target only, off by default): a smooth monotone remapping of the
+  target's intensities, ``I ↦ I^γ`` with ``log γ`` uniform in ``±log(1 + contrast)``, as a
+  change of gain, dynamic range or grey map between acquisitions (or MR sequences) does;
 * the field of view: a sector from the probe apex at the top; outside it the image is 0.
 
 Every function takes a ``torch.Generator`` and is deterministic given its state.
@@ -34,7 +41,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Warp
+
+from ..warping import warp_block
 
 Tensor = torch.Tensor
 
@@ -49,6 +57,8 @@ class Nuisances:
     Args:
         noise: ``"speckle"`` (multiplicative Rayleigh, echo), ``"rician"`` (MRI) or ``"none"``.
         noise_level: speckle: fraction of the signal that is speckle-modulated; rician: noise std.
+        speckle_correlation: correlation of the target's speckle field with the source's carried by
+            the motion, in [0, 1]: 1 tissue-bound speckle that only moves, 0 independent speckle.
         drift: amplitude of the smooth multiplicative gain change between the two frames.
         shadow_prob: probability of an acoustic shadow.
         shadow_frames: ``"both"``: the occluder (a rib) is fixed to the probe, so the same
@@ -58,12 +68,15 @@ class Nuisances:
         dropout_prob: probability that the target has a lateral-wall drop-out.
         dropout_attenuation: fraction of the signal lost at the drop-out's centre.
         extra_structure_prob: probability of a bright structure present in the target only.
+        contrast: strength of a monotone intensity remapping of the target, ``I^γ`` with
+            ``γ ∈ [1/(1+contrast), 1+contrast]`` (log-uniform); 0 turns it off.
         fov: mask both frames with an ultrasound sector and return the mask.
         sector_angle_deg: full opening angle of the sector.
     """
 
     noise: Literal["speckle", "rician", "none"] = "speckle"
     noise_level: float = 0.5
+    speckle_correlation: float = 0.5
     drift: float = 0.15
     shadow_prob: float = 0.5
     shadow_frames: Literal["both", "target"] = "both"
@@ -71,6 +84,7 @@ class Nuisances:
     dropout_prob: float = 0.5
     dropout_attenuation: float = 0.8
     extra_structure_prob: float = 0.3
+    contrast: float = 0.0
     fov: bool = True
     sector_angle_deg: float = 80.0
 
@@ -85,11 +99,12 @@ class Nuisances:
             "extra_structure_prob",
             "shadow_attenuation",
             "dropout_attenuation",
+            "speckle_correlation",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {value}")
-        for name in ("noise_level", "drift"):
+        for name in ("noise_level", "drift", "contrast"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if not 0 < self.sector_angle_deg <= 180:
@@ -218,13 +233,39 @@ def sector_geometry(shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     return depth, angle
 
 
+def speckle_field(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+    """A complex Gaussian speckle field ``(2, *shape)`` (real, imaginary): white scatterers through the
+    point-spread function (a Gaussian of 0.7 voxels, a grain of about one voxel)."""
+    return torch.cat([_blur(torch.randn((1, *shape), generator=gen), 0.7) for _ in range(2)])
+
+
+def moved_speckle_field(field: Tensor, ddf: Tensor, correlation: float, gen: torch.Generator) -> Tensor:
+    """The speckle field of the next frame: ``ρ·field∘(x + ddf) + √(1 − ρ²)·fresh``.
+
+    ``field`` ``(2, *spatial)`` is carried by the tissue's pull-back displacement ``ddf`` (the same
+    that maps the source frame onto the target); a fresh field of equal variance replaces the
+    share of scatterers that left the resolution cell, so the two frames' fields correlate by
+    ``ρ = correlation``.
+    """
+    carried = warp_block("bilinear", "border")(field[None], ddf[None])[0]
+    # Interpolation between voxels smooths the carried field: restore its variance, so that the
+    # mixture correlates with it by ρ and keeps the fresh field's statistics.
+    carried = carried * (field.std() / carried.std().clamp_min(1e-12))
+    if correlation >= 1.0:
+        return carried
+    fresh = speckle_field(tuple(field.shape[1:]), gen)
+    return correlation * carried + math.sqrt(1.0 - correlation**2) * fresh
+
+
+def apply_speckle(image: Tensor, field: Tensor, level: float) -> Tensor:
+    """Multiplicative Rayleigh speckle of unit mean: ``image·(1 − level + level·|field|/mean|field|)``."""
+    magnitude = field.pow(2).sum(0, keepdim=True).sqrt()
+    return image * (1.0 - level + level * magnitude / magnitude.mean())
+
+
 def _speckle(image: Tensor, level: float, gen: torch.Generator) -> Tensor:
-    """Multiplicative Rayleigh speckle with a grain of about one voxel, mean 1."""
-    real = _blur(torch.randn(image.shape, generator=gen), 0.7)
-    imag = _blur(torch.randn(image.shape, generator=gen), 0.7)
-    magnitude = torch.sqrt(real**2 + imag**2)
-    modulation = magnitude / magnitude.mean()
-    return image * (1.0 - level + level * modulation)
+    """Multiplicative Rayleigh speckle with a grain of about one voxel, mean 1, from a fresh field."""
+    return apply_speckle(image, speckle_field(tuple(image.shape[1:]), gen), level)
 
 
 def _rician(image: Tensor, level: float, gen: torch.Generator) -> Tensor:
@@ -293,17 +334,28 @@ def _extra_structure(image: Tensor, label: Tensor, gen: torch.Generator) -> Tens
     return image + (0.6 - image).clamp_min(0) * blob
 
 
+def _contrast_change(image: Tensor, strength: float, gen: torch.Generator) -> Tensor:
+    """``I ↦ I^γ`` with ``log γ`` uniform in ``[−log(1+strength), log(1+strength)]``: monotone, keeps 0 and 1."""
+    log_gamma = _uniform(gen, -1.0, 1.0) * math.log1p(strength)
+    return image.clamp(0.0, 1.0).pow(math.exp(log_gamma))
+
+
 def make_pair(shape: tuple[int, ...], nuisance: Nuisances, gen: torch.Generator) -> PhantomPair:
     """One ED→ES phantom pair of spatial ``shape`` (2D or 3D)."""
     if len(shape) not in (2, 3):
         raise ValueError(f"phantoms are 2D or 3D, got shape {shape}")
     ed_image, ed_label, centre, cavity_radius = anatomy(shape, gen)
     ddf = contraction_field(shape, centre, cavity_radius, gen)
-    warp_image = Warp(mode="bilinear", padding_mode="border")
-    warp_label = Warp(mode="nearest", padding_mode="border")
+    warp_image = warp_block("bilinear", "border")
+    warp_label = warp_block("nearest", "border")
     es_image = warp_image(ed_image[None], ddf[None])[0]
     es_label = warp_label(ed_label[None].float(), ddf[None])[0].round().long()
 
+    speckle = nuisance.noise == "speckle" and nuisance.noise_level > 0
+    fields = []
+    if speckle:  # the ED scatterers, and the ES ones: carried by the motion, partly renewed
+        fields.append(speckle_field(shape, gen))
+        fields.append(moved_speckle_field(fields[0], ddf, nuisance.speckle_correlation, gen))
     frames = []
     shadow = None
     for is_target, (image, label) in enumerate(((ed_image, ed_label), (es_image, es_label))):
@@ -316,13 +368,15 @@ def make_pair(shape: tuple[int, ...], nuisance: Nuisances, gen: torch.Generator)
                 image = _dropout(image, label, gen, nuisance.dropout_attenuation)
             if _uniform(gen, 0, 1) < nuisance.extra_structure_prob:
                 image = _extra_structure(image, label, gen)
-        if nuisance.noise == "speckle" and nuisance.noise_level > 0:
-            image = _speckle(image, nuisance.noise_level, gen)
+        if speckle:
+            image = apply_speckle(image, fields[is_target], nuisance.noise_level)
         elif nuisance.noise == "rician" and nuisance.noise_level > 0:
             image = _rician(image, nuisance.noise_level, gen)
         frames.append(image)
     if shadow is not None and nuisance.shadow_frames == "both":
         frames[0] = frames[0] * shadow  # the occluder is fixed to the probe: it shadows both frames
+    if nuisance.contrast > 0:
+        frames[1] = _contrast_change(frames[1], nuisance.contrast, gen)
 
     mask = None
     depth, angle = sector_geometry(shape)

@@ -8,10 +8,17 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .base import PairDataModule
+from .base import STAGE_SPLITS, PairDataModule, as_size
+from .pairs import SPLITS
 from .phantom import LABEL_NAMES, MYOCARDIUM, Nuisances, make_pair
 
-_SPLITS = ("train", "val", "test")
+INTENSITY_MODES = ("clamp", "minmax")
+
+
+def _min_max(frame: torch.Tensor) -> torch.Tensor:
+    """``frame`` scaled to span [0, 1] (a constant frame becomes 0)."""
+    low, high = frame.min(), frame.max()
+    return (frame - low) / (high - low) if high > low else torch.zeros_like(frame)
 
 
 class SyntheticPairs(Dataset):
@@ -20,26 +27,40 @@ class SyntheticPairs(Dataset):
     Items are the batch dict of the design: ``source``, ``target`` ``(1, *spatial)`` float
     in [0, 1]; ``source_label``, ``target_label`` ``(1, *spatial)`` int64; ``mask``
     ``(1, *spatial)`` when the nuisances include a field of view; ``meta`` with
-    ``case_id`` and ``spacing`` (1 mm isotropic).
+    ``case_id`` and ``spacing`` (1 mm isotropic). ``intensity``: ``clamp`` keeps the phantom's
+    intensities (clamped to [0, 1]); ``minmax`` scales each frame to its own [min, max], as the
+    reference code does.
     """
 
-    def __init__(self, split: str, count: int, spatial_size: Sequence[int], nuisance: Nuisances, seed: int = 0) -> None:
-        if split not in _SPLITS:
-            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+    def __init__(
+        self,
+        split: str,
+        count: int,
+        spatial_size: Sequence[int],
+        nuisance: Nuisances,
+        seed: int = 0,
+        intensity: str = "clamp",
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if count < 1:
             raise ValueError(f"a split needs at least one pair, got {count} for '{split}'")
+        if intensity not in INTENSITY_MODES:
+            raise ConfigError("intensity", f"must be one of {INTENSITY_MODES}, got {intensity!r}.", "E.g. clamp.")
         self.split = split
         self.shape = tuple(int(s) for s in spatial_size)
+        self.intensity = intensity
         self.items = [self._generate(i, nuisance, seed) for i in range(count)]
 
     def _generate(self, index: int, nuisance: Nuisances, seed: int) -> dict:
         # A stable mix of (seed, split, index): Python's hash() of a str changes between processes.
-        stream = (int(seed) * len(_SPLITS) + _SPLITS.index(self.split)) * 1_000_003 + index
+        stream = (int(seed) * len(SPLITS) + SPLITS.index(self.split)) * 1_000_003 + index
         gen = torch.Generator().manual_seed(stream % (2**63))
         pair = make_pair(self.shape, nuisance, gen)
+        source, target = (_min_max(f) if self.intensity == "minmax" else f for f in (pair.source, pair.target))
         item = {
-            "source": pair.source,
-            "target": pair.target,
+            "source": source,
+            "target": target,
             "source_label": pair.source_label,
             "target_label": pair.target_label,
             "meta": {
@@ -70,6 +91,7 @@ class SyntheticDataModule(PairDataModule):
         num_workers: data-loader workers (the pairs are held in memory: 0 is usually best).
         seed: the data seed; the same seed gives the same pairs on every machine.
         nuisance: nuisance strengths.
+        intensity: ``clamp`` (the phantom's intensities) or ``minmax`` (each frame scaled to [0, 1]).
         eval_labels: labels whose mean Dice is the validation score (myocardium by default).
     """
 
@@ -86,22 +108,20 @@ class SyntheticDataModule(PairDataModule):
         num_workers: int = 0,
         seed: int = 0,
         nuisance: Nuisances | None = None,
+        intensity: str = "clamp",
         eval_labels: Sequence[int] = (MYOCARDIUM,),
     ) -> None:
         super().__init__(spatial_dims, batch_size, num_workers, seed, eval_labels)
-        size = [int(image_size)] * spatial_dims if isinstance(image_size, int) else [int(s) for s in image_size]
-        if len(size) != spatial_dims or min(size) < 8:
-            raise ConfigError(
-                "image_size", f"needs {spatial_dims} sizes of at least 8 voxels, got {image_size}.", "E.g. 128."
-            )
-        self.spatial_size = tuple(size)
+        self.spatial_size = as_size(image_size, spatial_dims, "image_size")
         self.counts = {"train": train_pairs, "val": val_pairs, "test": test_pairs}
         self.nuisance = nuisance or Nuisances()
+        if intensity not in INTENSITY_MODES:
+            raise ConfigError("intensity", f"must be one of {INTENSITY_MODES}, got {intensity!r}.", "E.g. clamp.")
+        self.intensity = intensity
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage, _SPLITS):
+        for split in STAGE_SPLITS.get(stage, SPLITS):
             if split not in self.datasets:
                 self.datasets[split] = SyntheticPairs(
-                    split, self.counts[split], self.spatial_size, self.nuisance, self.seed
+                    split, self.counts[split], self.spatial_size, self.nuisance, self.seed, self.intensity
                 )

@@ -6,7 +6,9 @@ Images enter as ``MetaTensor`` ``(1, *spatial)`` from :class:`~.io.LoadFilesd` a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -255,6 +257,73 @@ class SectorMaskd(MapTransform):
         out[self.mask_key] = MetaTensor(mask_tensor, meta=dict(reference.meta))
         for key in self.keys:
             out[key] = out[key] * mask_tensor
+        return out
+
+
+def _kind(key: str) -> str:
+    """``label``, ``mask`` or ``image``, from a unit's key (see :class:`~adacs_lightning.data.pairs.Unit`)."""
+    return "label" if key.startswith("label") else "mask" if key.startswith("mask") else "image"
+
+
+#: Label values within this distance of an integer are rounded to it (float storage); farther is an error.
+LABEL_TOLERANCE = 1e-3
+
+
+def check_values(image: Any, path: str | Path, kind: str) -> Any:
+    """The loaded ``image`` if its values are usable as a ``kind`` (image, label or mask), else :class:`DataError`.
+
+    Images must be finite and not constant; label maps finite, integer-valued (values within
+    :data:`LABEL_TOLERANCE` of integers are rounded, with a warning) and not empty; masks finite
+    and not empty.
+    """
+    values = torch.as_tensor(np.asarray(image))
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise DataError(
+            path,
+            f"has {bad} voxel(s) that are NaN or infinite (of {values.numel()}).",
+            "Fix the export that wrote it (or set those voxels to a real value), or remove the case.",
+        )
+    if kind == "image" and bool((values == values.flatten()[0]).all()):
+        raise DataError(
+            path, f"is constant (every voxel is {float(values.flatten()[0]):g}): there is nothing to register.",
+            "Check that it is the right file, or remove the case.",
+        )  # fmt: skip
+    if kind == "image":
+        return image
+    if not bool(values.any()):
+        what = "a label map with no label" if kind == "label" else "an empty mask"
+        raise DataError(path, f"is {what} (every voxel is 0).", "Give the case's real map, or remove the case.")
+    if kind == "label":
+        distance = (values - values.round()).abs()
+        if float(distance.max()) > LABEL_TOLERANCE:
+            example = float(values.flatten()[int(distance.flatten().argmax())])
+            raise DataError(
+                path,
+                f"is not a label map: it has non-integer values (e.g. {example:g}).",
+                "Label maps hold integer labels (0 background); give the segmentation, not a probability or image.",
+            )
+        if float(distance.max()) > 0:
+            warnings.warn(f"{path}: label values stored as floats were rounded to integers.", stacklevel=2)
+            return image.round() if hasattr(image, "round") else np.round(image)
+    return image
+
+
+class CheckValuesd(MapTransform):
+    """Reject (with :class:`DataError` naming the file) voxel values a case cannot be trained on.
+
+    Runs on freshly loaded keys, after the shape checks: images (``source``, ``ed``, …), label maps
+    (keys ``label_*``) and masks (``mask*``) each get :func:`check_values`.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            out[key] = check_values(out[key], file_of(out[key]), _kind(str(key)))
         return out
 
 

@@ -8,10 +8,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.networks.blocks import Warp
 from torch import nn
 
 from ..metrics import dice_per_label, folding_percentage, surface_distances_per_label
+from ..warping import warp_block
 
 Tensor = torch.Tensor
 
@@ -63,7 +63,7 @@ class CaseEvaluator:
         self.backbone = backbone.to(self.device).eval()
         self.labels = [int(v) for v in labels]
         self.names = {k: str((names or {}).get(k, f"label{k}")) for k in self.labels}
-        self.warp_labels = Warp(mode="nearest", padding_mode="border")
+        self.warp_labels = warp_block("nearest", "border")
         self._warm = False
         self._warned_spacing = False
 

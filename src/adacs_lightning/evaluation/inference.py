@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.networks.blocks import Warp
 from monai.transforms import DivisiblePad
 from monai.utils import convert_to_tensor
 
 from ..backbones import Backbone
 from ..data.transforms import INTENSITY_MODES, intensity
 from ..errors import AdaCSError
+from ..warping import warp_block
 
 Tensor = torch.Tensor
 
@@ -86,13 +86,13 @@ def register_arrays(
     crop = tuple(slice(lo, lo + n) for lo, n in zip(_pad_before(source.shape, divisible), source.shape))
     ddf = ddf[(slice(None), *crop)].contiguous()
     original = torch.as_tensor(source, dtype=torch.float32)[None, None]
-    warped = Warp(mode="bilinear", padding_mode="border")(original, ddf[None])[0, 0]
+    warped = warp_block("bilinear", "border")(original, ddf[None])[0, 0]
     warped_labels = None
     if source_labels is not None:
         if source_labels.shape != source.shape:
             raise AdaCSError(f"source labels {source_labels.shape} and source {source.shape} differ in shape.")
         labels = torch.as_tensor(np.asarray(source_labels), dtype=torch.float32)[None, None]
-        warped_labels = Warp(mode="nearest", padding_mode="border")(labels, ddf[None])[0, 0].round().numpy()
+        warped_labels = warp_block("nearest", "border")(labels, ddf[None])[0, 0].round().numpy()
         warped_labels = warped_labels.astype(np.asarray(source_labels).dtype)
     return Registration(warped.numpy(), ddf.numpy(), warped_labels)
 

@@ -93,7 +93,13 @@ def evaluate_run(
     figure_model = _figure_model(run, evaluator.backbone) if figures > 0 else None
     rows = []
     for index, pair in enumerate(islice(pairs, max_cases)):
-        rows.append({**head, **evaluator.evaluate(pair)})
+        try:
+            rows.append({**head, **evaluator.evaluate(pair)})
+        except (ValueError, RuntimeError) as error:  # the network cannot take these images
+            raise AdaCSError(
+                f"{run.label} could not register case {pair.get('case_id', index)} of the {split} pairs: "
+                f"{str(error).splitlines()[0]}"
+            ) from error
         if figure_model is not None and index < figures and figure_dir is not None:
             _save_case_figure(figure_model, pair, figure_dir, evaluator.device)
     if not rows:
@@ -303,6 +309,7 @@ def evaluate(
     max_cases: int | None = None,
     figures: int = 2,
     skip_missing: bool = False,
+    checkpoint: str = "selected",
 ) -> Report:
     """Evaluate runs (folders or checkpoints) and write the reports to ``output``.
 
@@ -311,7 +318,8 @@ def evaluate(
     and paired tests) and ``paired_tests.csv``, and Figure 4 panels of the first ``figures`` cases
     of each run under ``figures/``. ``output`` defaults to ``<run>/evaluation`` for one run and to
     ``evaluation/`` in the runs' common folder for several. ``skip_missing`` skips run folders
-    without a checkpoint (a failed job of a sweep) instead of stopping.
+    without a checkpoint (a failed job of a sweep) instead of stopping. ``checkpoint`` picks a run
+    folder's checkpoint: ``selected`` (the run's ``final_checkpoint``), ``best`` or ``last``.
     """
     from .runs import resolve_run
 
@@ -320,7 +328,7 @@ def evaluate(
     resolved = []
     for path in paths:
         try:
-            resolved.append(resolve_run(path))
+            resolved.append(resolve_run(path, checkpoint))
         except AdaCSError as error:
             if not skip_missing:
                 raise
@@ -337,20 +345,26 @@ def evaluate(
         config = data_config(run, data, list(overrides), output_dir=output / "data" / _safe(run.label))
         figure_dir = output / "figures" / _safe(run.label)
         cases += evaluate_run(run, config, labels, target, split, max_cases, figures, figure_dir)
-    summary = summarise(cases)
-    report = Report(cases, summary)
-    report.files["cases"] = write_csv(cases, output / "cases.csv")
-    report.files["summary"] = write_csv(summary, output / "summary.csv")
-    report.files["summary_md"] = output / "summary.md"
-    report.files["summary_md"].write_text(summary_markdown(summary))
+    report = Report(cases, summarise(cases))
     if len(resolved) > 1:
         report.table, report.tests = compare(cases)
-        report.files["comparison"] = write_csv(report.table, output / "comparison.csv")
-        if report.tests:
-            report.files["paired_tests"] = write_csv(report.tests, output / "paired_tests.csv")
-        report.files["comparison_md"] = output / "comparison.md"
-        report.files["comparison_md"].write_text(comparison_markdown(report.table, report.tests))
+    report.files.update(write_reports(report, output))
     return report
+
+
+def write_reports(report: Report, output: Path) -> dict[str, Path]:
+    """Write the cases, the per-run summary and, when there is one, the comparison; returns the files."""
+    files = {"cases": write_csv(report.cases, output / "cases.csv")}
+    files["summary"] = write_csv(report.summary, output / "summary.csv")
+    files["summary_md"] = output / "summary.md"
+    files["summary_md"].write_text(summary_markdown(report.summary))
+    if report.table:
+        files["comparison"] = write_csv(report.table, output / "comparison.csv")
+        if report.tests:
+            files["paired_tests"] = write_csv(report.tests, output / "paired_tests.csv")
+        files["comparison_md"] = output / "comparison.md"
+        files["comparison_md"].write_text(comparison_markdown(report.table, report.tests))
+    return files
 
 
 def _default_output(runs: Sequence[Run]) -> Path:

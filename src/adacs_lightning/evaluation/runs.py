@@ -13,12 +13,12 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.pairs import SPLITS
 from ..errors import AdaCSError, ConfigError
 
 _CONFIG_PACKAGE = "adacs_lightning.conf"
 # Settings that change how pairs are loaded or where files go, not which pairs: left out of data_key.
 _LOADING_KEYS = ("batch_size", "num_workers", "cache_workers", "output_dir", "strict")
-_SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -53,12 +53,26 @@ class Run:
         return f"{self.backbone}/{self.method}{seed}"
 
 
-def best_checkpoint(folder: Path) -> Path:
-    """The run's best checkpoint (``checkpoints/best-*.ckpt``, newest if several), else ``last.ckpt``."""
+def best_checkpoint(folder: Path, which: str = "selected") -> Path:
+    """The checkpoint of a run folder to evaluate.
+
+    ``selected``: the one the run chose (``summary.json``'s ``selected_checkpoint``: its
+    ``final_checkpoint`` setting), else ``best``; ``best``: ``checkpoints/best-*.ckpt`` (newest if
+    several), else ``last.ckpt``; ``last``: ``checkpoints/last.ckpt``.
+    """
+    if which not in ("selected", "best", "last"):
+        raise ConfigError("checkpoint", f"must be selected, best or last, got {which!r}.")
+    summary = folder / "summary.json"
+    if which == "selected" and summary.is_file():
+        chosen = json.loads(summary.read_text()).get("selected_checkpoint")
+        if chosen and Path(chosen).is_file():
+            return Path(chosen)
+    last = folder / "checkpoints" / "last.ckpt"
+    if which == "last" and last.is_file():
+        return last
     candidates = sorted((folder / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
     if candidates:
         return candidates[-1]
-    last = folder / "checkpoints" / "last.ckpt"
     if last.is_file():
         return last
     if (folder / "backbone.pt").is_file():
@@ -69,15 +83,18 @@ def best_checkpoint(folder: Path) -> Path:
     )
 
 
-def resolve_run(path: str | Path) -> Run:
-    """A run folder or a checkpoint file → :class:`Run`, with a clear error for anything else."""
+def resolve_run(path: str | Path, checkpoint: str = "selected") -> Run:
+    """A run folder or a checkpoint file → :class:`Run`, with a clear error for anything else.
+
+    ``checkpoint`` chooses a run folder's checkpoint (see :func:`best_checkpoint`).
+    """
     path = Path(path)
     if path.is_dir():
-        folder, checkpoint = path, None
+        folder, checkpoint_file = path, None
     elif path.is_file():
         # checkpoints/x.ckpt and backbone.pt sit one or two levels below their run folder.
         folder = next((p for p in (path.parent, path.parent.parent) if (p / ".hydra" / "config.yaml").is_file()), None)
-        checkpoint = path
+        checkpoint_file = path
     else:
         raise AdaCSError(f"No checkpoint or run folder at '{path}': give a run folder or a .ckpt / backbone.pt file.")
     config = choices = None
@@ -88,12 +105,12 @@ def resolve_run(path: str | Path) -> Run:
             choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices")
     elif path.is_dir():
         raise AdaCSError(f"'{path}' is not a run folder of adacs-train (no .hydra/config.yaml): give a checkpoint.")
-    checkpoint = checkpoint or best_checkpoint(folder)
-    stored_method, backbone_config = _checkpoint_header(checkpoint)
+    checkpoint_path = checkpoint_file or best_checkpoint(folder, checkpoint)
+    stored_method, backbone_config = _checkpoint_header(checkpoint_path)
     backbone = (choices or {}).get("backbone") or _backbone_name(backbone_config)
     method = (choices or {}).get("method") or stored_method
     seed = config.get("seed") if config is not None else None
-    return Run(checkpoint, folder, config, str(backbone), str(method), None if seed is None else int(seed))
+    return Run(checkpoint_path, folder, config, str(backbone), str(method), None if seed is None else int(seed))
 
 
 def _checkpoint_header(path: Path) -> tuple[str, dict | None]:
@@ -159,21 +176,31 @@ def data_config(
 
 
 def _load_data_option(name: str) -> DictConfig:
+    """A data config: a YAML file of one (self-contained), or a name in ``conf/data`` composed by Hydra."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError("data", f"no data config file at '{path}'.", "Give a YAML file or a name in conf/data.")
         config = OmegaConf.load(path)
-    else:
-        package = resources.files(_CONFIG_PACKAGE).joinpath("data")
-        file = package.joinpath(f"{name}.yaml")
-        if not file.is_file():
-            options = sorted(p.name.removesuffix(".yaml") for p in package.iterdir() if p.name.endswith(".yaml"))
-            raise ConfigError("data", f"no data config named '{name}'.", f"Choose one of {options} or a YAML file.")
-        config = OmegaConf.create(file.read_text())
-    if "defaults" in config:
-        raise ConfigError("data", f"'{name}' has a defaults list, which adacs-eval cannot compose.", "Inline it.")
-    return config
+        if "defaults" in config:
+            raise ConfigError("data", f"'{name}' has a defaults list.", "Give the composed data config (--cfg job).")
+        return config
+    package = resources.files(_CONFIG_PACKAGE).joinpath("data")
+    if not package.joinpath(f"{name}.yaml").is_file():
+        options = sorted(p.name.removesuffix(".yaml") for p in package.iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError("data", f"no data config named '{name}'.", f"Choose one of {options} or a YAML file.")
+    return compose_config([f"data={name}"]).data
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """``adacs-train``'s config composed with ``overrides`` (no Hydra run: ``hydra:`` interpolations unresolved)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra application: compose in its context
+        return compose(config_name="config", overrides=overrides)
+    with initialize_config_module(config_module=_CONFIG_PACKAGE, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
 
 
 def data_key(config: dict[str, Any], split: str = "test") -> str:
@@ -185,7 +212,7 @@ def data_key(config: dict[str, Any], split: str = "test") -> str:
     the other splits, and, for data read from files (whose case ids name the files), the
     seed, which only decides which split a case falls in.
     """
-    ignored = set(_LOADING_KEYS) | {f"{other}_pairs" for other in _SPLITS if other != split}
+    ignored = set(_LOADING_KEYS) | {f"{other}_pairs" for other in SPLITS if other != split}
     if _reads_files(config):
         ignored.add("seed")
     content = {k: v for k, v in config.items() if k not in ignored}

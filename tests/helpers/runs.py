@@ -10,7 +10,7 @@ import yaml
 from adacs_lightning import AdaCS
 from adacs_lightning.checkpoint import BACKBONE_CONFIG_KEY
 
-from .conftest import tiny_backbone
+from .training import tiny_backbone
 
 TINY_BACKBONE_CONFIG = {
     "_target_": "adacs_lightning.backbones.voxelmorph",

@@ -1,0 +1,44 @@
+"""Checkpoints written atomically: a checkpoint file is replaced only once its successor is complete."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+
+from .errors import AdaCSError
+
+
+class CheckpointWriteError(AdaCSError, OSError):
+    """A checkpoint could not be written; the previous file of that name is intact."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, writing next to the destination and renaming.
+
+    The checkpoint goes to a hidden ``.<name>.partial`` file in the destination folder, is flushed
+    to disk, and replaces the destination with one atomic rename. A full disk or any other write
+    error leaves the previous checkpoint untouched and loadable (Lightning's own writer stages the
+    file elsewhere and, across file systems, truncates the old file before copying).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with partial.open("wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            kept = " The previous checkpoint of that name is intact." if path.is_file() else ""
+            raise CheckpointWriteError(
+                f"Could not write the checkpoint {path} ({error.strerror or error}).{kept} Free disk space (or "
+                f"choose a writable folder), then resume from the last complete checkpoint with ckpt_path=."
+            ) from error

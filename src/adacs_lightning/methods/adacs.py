@@ -1,0 +1,363 @@
+"""AdaCS: a backbone trained with a learned correspondence score (docs/method.md).
+
+The training step reads as an outline: the terms of the micro-batch, the finiteness check,
+then either one fused backward pass for both networks or the accumulated per-network
+updates, and one place that logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from ..errors import ConfigError
+from ..losses import DATA_WEIGHTINGS, masked_mean, scoring_loss
+from ..momentum import MOMENTUM_MODES, MomentumWeight
+from ..schedule import Phase, phase_at
+from ..scoring import ScoringNetwork
+from ..similarity import Similarity
+from .base import Direction, RegistrationModule, mean_of, split_batch, step
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class MicroBatch:
+    """The terms of one micro-batch, before any update."""
+
+    directions: list[Direction]
+    mask: Tensor | None
+    score: Tensor | None  # (n_dir·B, 1, *spatial) with the scorer's graph; None in warm-up A
+    loss_de: Tensor  # L_de (its graph reaches the backbone unless the backbone is frozen)
+    mu: Tensor  # the data term of L_de, detached: this micro-batch's μ
+    logs: dict[str, Tensor]
+    batch: Mapping[str, Any]
+
+    @property
+    def batch_size(self) -> int:
+        return self.directions[0].fixed.shape[0]
+
+
+@dataclass
+class _Cycle:
+    """The scorer's work waiting for the end of a gradient-accumulation cycle."""
+
+    mu: list[Tensor] = field(default_factory=list)
+    pending: list[MicroBatch] = field(default_factory=list)
+
+
+class AdaCS(RegistrationModule):
+    """Trains a registration backbone with Adaptive Correspondence Scoring.
+
+    ``AdaCS(net)`` is all that is required: ``net`` is any ``nn.Module`` that follows or
+    can be adapted to the backbone contract (see :class:`~adacs_lightning.backbones.Backbone`),
+    and the scorer defaults to a :class:`~adacs_lightning.scoring.ScoringNetwork` built for the
+    backbone's spatial dims. ``scoring=False`` gives the like-for-like baseline: warm-up A for
+    the whole run. Schedule: warm-up A ``[0, N_w)`` trains the backbone alone (``Ŝ ≡ 1``), warm-up
+    B ``[N_w, 2N_w)`` the scorer alone, then both every step.
+
+    Args:
+        backbone: the registration network ``f_θ``.
+        scorer: the scoring network ``g_φ`` (fixed image → map in [0, 1]).
+        scoring: False trains the plain backbone (no scorer).
+        alpha: weight ``α`` of ``L_reg``.
+        beta: weight ``β`` of ``L_smooth``.
+        lam: weight ``λ`` of the backbone's smoothness penalty.
+        gamma: momentum ``γ`` of ``m_T``.
+        kappa: residual scale ``κ`` of ``b_T``; None takes the similarity's (50 for squared error),
+            ``"auto"`` sets ``κ = 1/μ_1`` at the scorer's first update.
+        warmup_epochs: ``N_w``.
+        lr: Adam learning rate of the backbone; ``scorer_lr`` that of the scorer (``lr`` when None).
+        accumulate_grad_batches: micro-batches per optimiser step, for both networks.
+        bidirectional: also register target → source; that direction is scored by ``g_φ(source)``
+            and the two directions are averaged.
+        score_residual: the displacement the scorer's residual uses in the joint phase: ``"reuse"``
+            the one from before the backbone's update (one backward pass serves both networks);
+            ``"recompute"`` re-runs the backbone after its update, as the reference code does.
+        data_weighting: how the score weights the backbone's data term: ``"mean"`` (the paper,
+            ``mean(Ŝ·r)``), ``"normalised"`` (``Σ Ŝ·r / Σ Ŝ``, the baseline's balance against ``λ``)
+            or ``"scalar"`` (a control: ``mean(r)·mean(Ŝ)``, no spatial information).
+        momentum_mode: ``"paper"`` or ``"reference"`` (see :class:`~adacs_lightning.momentum.MomentumWeight`).
+        reference_leak: reproduce the reference code's gradient leak: the scorer's loss re-runs the
+            backbone with gradients and does not detach it, and those backbone gradients are kept
+            until the backbone's next step (through warm-up B they pile up). Off by default.
+        similarity, smoothness_on, label_weight, spatial_dims, in_channels, eval_labels,
+            channels_last, compile: see :class:`~adacs_lightning.methods.RegistrationModule`.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        scorer: nn.Module | None = None,
+        *,
+        scoring: bool = True,
+        alpha: float = 0.02,
+        beta: float = 1.5,
+        lam: float = 0.01,
+        gamma: float = 0.99,
+        kappa: float | str | None = None,
+        warmup_epochs: int = 20,
+        lr: float = 1e-4,
+        scorer_lr: float | None = None,
+        accumulate_grad_batches: int = 1,
+        bidirectional: bool = False,
+        score_residual: Literal["recompute", "reuse"] = "reuse",
+        data_weighting: str = "mean",
+        momentum_mode: str = "paper",
+        reference_leak: bool = False,
+        similarity: Similarity | None = None,
+        smoothness_on: str = "displacement",
+        label_weight: float = 0.0,
+        spatial_dims: int | None = None,
+        in_channels: int | None = None,
+        eval_labels: Sequence[int] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        _check_settings(alpha, beta, scorer_lr, score_residual, data_weighting, momentum_mode)
+        super().__init__(
+            backbone,
+            similarity=similarity,
+            lam=lam,
+            smoothness_on=smoothness_on,
+            label_weight=label_weight,
+            warmup_epochs=warmup_epochs,
+            lr=lr,
+            accumulate_grad_batches=accumulate_grad_batches,
+            bidirectional=bidirectional,
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            eval_labels=eval_labels,
+            channels_last=channels_last,
+            compile=compile,
+        )
+        self.scorer: nn.Module | None = None
+        if scoring:
+            self.scorer = (
+                scorer if scorer is not None else ScoringNetwork(self.backbone.spatial_dims, self.backbone.in_channels)
+            )
+        elif scorer is not None:
+            raise ValueError("scoring=False trains the plain backbone: do not pass a scorer")
+        self.momentum = MomentumWeight(
+            gamma=gamma, kappa=self.similarity.kappa if kappa is None else kappa, mode=momentum_mode
+        )
+        self._pending = _Cycle()
+
+    @property
+    def method_name(self) -> str:  # type: ignore[override]
+        return "adacs" if self.scorer is not None else "baseline"
+
+    @property
+    def weighting_networks(self) -> list[nn.Module]:
+        return [self.scorer] if self.scorer is not None else []
+
+    @property
+    def phase(self) -> Phase:
+        """The schedule phase of the current epoch."""
+        return phase_at(self.current_epoch, self.hparams.warmup_epochs, self.scorer is not None)
+
+    @property
+    def backbone_idle_epochs(self) -> int:
+        return self.hparams.warmup_epochs if self.scorer is not None else 0
+
+    def weight_map(self, fixed: Tensor, residual: Tensor) -> Tensor | None:
+        return self.scorer(fixed) if self.scorer is not None else None
+
+    # ------------------------------------------------------------------ optimisers
+    def configure_optimizers(self):
+        if self.scorer is None:
+            return self.backbone_optimizer()
+        scorer_lr = self.hparams.scorer_lr or self.hparams.lr
+        return [self.backbone_optimizer(), torch.optim.Adam(self.scorer.parameters(), lr=scorer_lr)]
+
+    def _optimisers_pair(self) -> tuple[Any, Any | None]:
+        opts = self._optimisers()
+        return opts[0], (opts[1] if len(opts) > 1 else None)
+
+    # ------------------------------------------------------------------ schedule
+    def on_fit_start(self) -> None:
+        warmup, max_epochs = self.hparams.warmup_epochs, self.trainer.max_epochs
+        if self.scorer is not None and max_epochs is not None and max_epochs != -1 and max_epochs <= 2 * warmup:
+            rank_zero_warn(
+                f"max_epochs={max_epochs} ends before the joint phase, which starts at epoch "
+                f"2·warmup_epochs = {2 * warmup}: lower warmup_epochs or raise max_epochs."
+            )
+
+    def on_train_epoch_start(self) -> None:
+        # A cycle never spans epochs; drop whatever an unfinished one left behind (with the
+        # reference's leak, the backbone's leaked gradients are kept: they span epochs there).
+        self._pending = _Cycle()
+        opt_backbone, opt_scorer = self._optimisers_pair()
+        if not self.hparams.reference_leak:
+            opt_backbone.zero_grad(set_to_none=True)
+        if opt_scorer is not None:
+            opt_scorer.zero_grad(set_to_none=True)
+        epoch, warmup = self.current_epoch, self.hparams.warmup_epochs
+        if self.scorer is not None and epoch in (0, warmup, 2 * warmup):
+            descriptions = {
+                Phase.WARMUP_BACKBONE: "warm-up A, training the backbone alone (score ≡ 1)",
+                Phase.WARMUP_SCORER: "warm-up B, training the scorer with the backbone frozen",
+                Phase.JOINT: "joint phase, updating backbone and scorer every step",
+            }
+            rank_zero_info(f"Epoch {epoch}: {descriptions[self.phase]}.")
+
+    # ------------------------------------------------------------------ the training step
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        cycle = self._cycle(batch_idx)
+        terms = self._micro_batch(batch)
+        # Before anything changes state: an optimiser step, or m_T (which μ feeds).
+        self._check_finite(batch_idx, {"L_de": terms.loss_de, "displacement data term": terms.mu})
+        if self._fuses(cycle, terms):
+            logs = self._fused_update(terms, batch_idx)
+        else:
+            logs = self._accumulated_update(terms, cycle, batch_idx)
+        self._log_training({**terms.logs, **logs}, terms.batch_size)
+
+    def _micro_batch(self, batch: Mapping[str, Any]) -> MicroBatch:
+        """Register (both directions when bidirectional), score the fixed images, and form ``L_de``."""
+        phase = self.phase
+        frozen = phase is Phase.WARMUP_SCORER and not self.hparams.reference_leak
+        directions = self._register(batch, frozen=frozen)
+        mask = batch.get("mask")
+        score = None
+        if phase is not Phase.WARMUP_BACKBONE:
+            # One scorer call per step: its detached output weights L_de, its graph serves L_se.
+            score = self.scorer(torch.cat([d.fixed for d in directions], dim=0))
+        weights = split_batch(score, len(directions))
+        loss_de, data, logs = self._backbone_loss(directions, weights, mask, self.hparams.data_weighting)
+        return MicroBatch(directions, mask, score, loss_de, data.detach(), logs, batch)
+
+    def _updates_backbone(self) -> bool:
+        return self.phase is not Phase.WARMUP_SCORER
+
+    def _fuses(self, cycle, terms: MicroBatch) -> bool:
+        """One backward pass for both networks: possible when the stop-gradients make their graphs disjoint.
+
+        L_de then reaches only f_θ and L_se only g_φ, so the sum's gradient is each one's own.
+        Not with accumulation (the scorer waits for the cycle's μ), ``recompute``, the reference's
+        leak or momentum, or a gradient scaler (16-bit precision needs one backward pass per optimiser).
+        """
+        if terms.score is None or cycle.length != 1 or self._uses_grad_scaler():
+            return False
+        if self.hparams.reference_leak or self.hparams.momentum_mode == "reference":
+            return False
+        return self.phase is Phase.WARMUP_SCORER or self.hparams.score_residual == "reuse"
+
+    def _fused_update(self, terms: MicroBatch, batch_idx: int) -> dict[str, Tensor]:
+        opt_backbone, opt_scorer = self._optimisers_pair()
+        m, logs = self._update_momentum([terms.mu])
+        loss_se, se_logs = self._scoring_loss(terms, m, [d.residual.detach() for d in terms.directions])
+        self._check_finite(batch_idx, {"L_se": loss_se})
+        self.manual_backward(loss_se + terms.loss_de if self._updates_backbone() else loss_se)
+        if self._updates_backbone():
+            step(opt_backbone)
+        step(opt_scorer)
+        return {**logs, **se_logs}
+
+    def _accumulated_update(self, terms: MicroBatch, cycle, batch_idx: int) -> dict[str, Tensor]:
+        """The backbone's share now; the scorer's update at the cycle's end, after the backbone has stepped."""
+        opt_backbone, opt_scorer = self._optimisers_pair()
+        updates_backbone = self._updates_backbone()
+        if updates_backbone:
+            self.manual_backward(terms.loss_de / cycle.length)
+        self._pending.mu.append(terms.mu)
+        if terms.score is not None:
+            self._pending.pending.append(terms)
+        if not cycle.end:
+            return {}
+        if updates_backbone:
+            step(opt_backbone)
+        logs: dict[str, Tensor] = {}
+        # m_T moves with the scorer's updates (paper) or with the backbone's (reference).
+        reference = self.hparams.momentum_mode == "reference"
+        if self.scorer is not None and (updates_backbone if reference else bool(self._pending.pending)):
+            _, logs = self._update_momentum(self._pending.mu)
+        if self._pending.pending:
+            m = self.momentum.value.clone()
+            for queued in self._pending.pending:
+                loss_se, se_logs = self._scoring_loss(queued, m, self._scorer_residuals(queued))
+                self._check_finite(batch_idx, {"L_se": loss_se})
+                self.manual_backward(loss_se / cycle.length)
+            step(opt_scorer)
+            logs.update(se_logs)
+        self._pending = _Cycle()
+        return logs
+
+    def _scorer_residuals(self, terms: MicroBatch) -> list[Tensor]:
+        """The residuals ``L_ucs`` weights: detached, and from the updated backbone with ``recompute``.
+
+        With the reference's leak the residuals come from a backbone run with gradients (re-run
+        after its update in the joint phase) and are not detached, so ``L_ucs`` also trains the
+        backbone: those gradients wait for its next step.
+        """
+        if self.hparams.reference_leak:
+            joint = self.phase is Phase.JOINT
+            return [d.residual for d in (self._register(terms.batch) if joint else terms.directions)]
+        if self.phase is Phase.JOINT and self.hparams.score_residual == "recompute":
+            return [d.residual for d in self._register(terms.batch, frozen=True)]
+        return [d.residual.detach() for d in terms.directions]
+
+    def _update_momentum(self, mus: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fold the cycle's ``μ`` (averaged over data-parallel ranks) into ``m_T``; returns ``m_T`` and its logs.
+
+        ``paper`` mode folds in the mean over the cycle's micro-batches once; ``reference`` mode
+        folds in each micro-batch's ``μ`` divided by the number of directions (the reference
+        weights each direction's loss by 1/2 before averaging them).
+        """
+        mus = [self.trainer.strategy.reduce(mu, reduce_op="mean") for mu in mus]
+        if self.hparams.momentum_mode == "reference":
+            mus = [mu / (2 if self.hparams.bidirectional else 1) for mu in mus]
+            for mu in mus:
+                m = self.momentum.update(mu, epoch=self.current_epoch)
+        else:
+            m = self.momentum.update(torch.stack(mus).mean(), epoch=self.current_epoch)
+        return m, {"train/mu": torch.stack(mus).mean(), "train/m": m}
+
+    def _scoring_loss(self, terms: MicroBatch, m: Tensor, residuals: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``L_se`` of one micro-batch, averaged over directions, and its terms to log."""
+        scores = split_batch(terms.score, len(residuals))
+        leak = self.hparams.reference_leak
+        losses = [
+            scoring_loss(s, r, self.hparams.alpha, self.hparams.beta, m, terms.mask, detach_residual=not leak)
+            for s, r in zip(scores, residuals)
+        ]
+        loss_se, ucs, reg, smooth = (mean_of(t[i] for t in losses) for i in range(4))
+        logs = {
+            "train/loss_se": loss_se,
+            "train/ucs": ucs,
+            "train/reg": reg,
+            "train/smooth_score": smooth,
+            "train/score_mean": mean_of(masked_mean(s.detach(), terms.mask) for s in scores),
+        }
+        return loss_se, logs
+
+    def _uses_grad_scaler(self) -> bool:
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+
+def _check_settings(alpha, beta, scorer_lr, score_residual, data_weighting, momentum_mode) -> None:
+    """Reject values AdaCS cannot use, naming the setting and a usable value."""
+    for name, value, paper in (("alpha", alpha, 0.02), ("beta", beta, 1.5)):
+        if value < 0:
+            raise ConfigError(name, f"must be non-negative, got {value}.", f"The paper uses {paper}.")
+    if scorer_lr is not None and scorer_lr <= 0:
+        raise ConfigError("scorer_lr", f"must be positive, got {scorer_lr}.", "The paper uses 0.0001.")
+    if score_residual not in ("recompute", "reuse"):
+        raise ConfigError(
+            "score_residual",
+            f"must be 'recompute' or 'reuse', got {score_residual!r}.",
+            "The reference is 'recompute'.",
+        )
+    if data_weighting not in DATA_WEIGHTINGS:
+        raise ConfigError(
+            "data_weighting", f"must be one of {DATA_WEIGHTINGS}, got {data_weighting!r}.", "The paper's is 'mean'."
+        )
+    if momentum_mode not in MOMENTUM_MODES:
+        raise ConfigError(
+            "momentum_mode", f"must be one of {MOMENTUM_MODES}, got {momentum_mode!r}.", "The default is 'paper'."
+        )

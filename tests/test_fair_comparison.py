@@ -1,0 +1,83 @@
+"""The fair comparison: each method at its validation-best λ, equal backbone budgets, paired tests, the trade-off."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adacs_lightning.evaluation.fair import choose_lambda, differing_overrides, validation_table
+from adacs_lightning.evaluation.tables import read_csv
+
+from .helpers.fakes import make_folder
+from .helpers.training import adacs_train
+
+TINY_SWEEP = ["method=baseline,adacs_normalised,robust", "method.lam=0.01,0.05", "seed=0"]
+
+
+def test_lambda_is_chosen_on_mean_validation_dice_per_method():
+    rows = [
+        {"backbone": "vm", "method": "baseline", "lam": 0.01, "dice_mean": 0.70},
+        {"backbone": "vm", "method": "baseline", "lam": 0.05, "dice_mean": 0.74},
+        {"backbone": "vm", "method": "adacs", "lam": 0.01, "dice_mean": 0.73},
+        {"backbone": "vm", "method": "adacs", "lam": 0.05, "dice_mean": 0.73},  # a tie: the smaller λ
+    ]
+    assert choose_lambda(rows) == {("vm", "baseline"): 0.05, ("vm", "adacs"): 0.01}
+
+
+@pytest.mark.slow
+def test_fair_comparison_on_the_synthetic_data(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = adacs_train(
+        "-m", "experiment=fair_comparison", "debug=tiny", "backbone_epochs=2", *TINY_SWEEP,
+        f"hydra.sweep.dir={sweep}", "logger=none", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("validation.md", "validation.csv", "tradeoff.png", "comparison.md", "paired_tests.csv"):
+        assert (sweep / name).is_file(), name
+    validation = read_csv(sweep / "validation.csv")
+    assert {(r["method"], r["lam"]) for r in validation} == {
+        (m, lam) for m in ("baseline", "adacs_normalised", "robust") for lam in (0.01, 0.05)
+    }
+    comparison = read_csv(sweep / "comparison.csv")
+    assert {r["method"] for r in comparison} == {"baseline", "adacs_normalised", "robust"}
+    assert all(r["lam"] in (0.01, 0.05) for r in comparison)
+    tests = read_csv(sweep / "paired_tests.csv")
+    assert {(t["method"], t["reference"]) for t in tests if t["metric"] == "dice"} == {
+        ("adacs_normalised", "baseline"),
+        ("robust", "baseline"),
+    }
+    # equal budgets: AdaCS's warm-up B is added to its epochs; the backbone gets 2 epochs of updates everywhere
+    epochs = {}
+    for run in sweep.iterdir():
+        if (run / "summary.json").is_file():
+            method = (run / ".hydra" / "overrides.yaml").read_text().split("method=")[1].split()[0]
+            epochs[method] = json.loads((run / "summary.json").read_text())["epochs"]
+    assert epochs == {"baseline": 2, "adacs_normalised": 3, "robust": 2}
+
+
+@pytest.mark.slow
+def test_fair_comparison_on_a_folder_of_labelled_pairs(tmp_path):
+    csv = make_folder(tmp_path / "data", rows=8, shape=(16, 16), formats=(".nii.gz",))
+    sweep = tmp_path / "sweep"
+    result = adacs_train(
+        "-m", "experiment=fair_comparison", "debug=tiny", "backbone_epochs=1", "data=folder", f"data.csv={csv}",
+        "data.image_size=[16,16]", "data.batch_size=2", *TINY_SWEEP, f"hydra.sweep.dir={sweep}", "logger=none",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (sweep / "comparison.md").is_file() and (sweep / "tradeoff.png").is_file()
+    assert "Chosen λ" in result.stdout + result.stderr
+
+
+def test_arms_are_labelled_by_the_overrides_that_differ(tmp_path):
+    folders = []
+    for index, overrides in enumerate(
+        (["method=adacs", "scorer=unet", "seed=0"], ["method=adacs", "scorer=voxelmorph", "seed=1"])
+    ):
+        folder = tmp_path / str(index)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        folders.append(folder)
+    assert differing_overrides(folders, ignore=("method", "seed")) == [["scorer=unet"], ["scorer=voxelmorph"]]
+    assert validation_table([]) == []
