@@ -16,7 +16,7 @@ from adacs_lightning.checkpoint import load_backbone, save_backbone
 from adacs_lightning.cli import register as register_cli
 from adacs_lightning.errors import AdaCSError
 from adacs_lightning.evaluation.inference import scale_to_unit
-from adacs_lightning.evaluation.io import NIFTI_INTENT_VECTOR, read_displacement
+from adacs_lightning.fields import NIFTI_INTENT_VECTOR, read_voxel_displacement
 from adacs_lightning.methods import LogVarianceNetwork
 from adacs_lightning.scoring import ScoringNetwork
 
@@ -43,22 +43,22 @@ def checkpoint(tmp_path):
 @pytest.fixture
 def pair(tmp_path):
     source, target = tmp_path / "source.nii.gz", tmp_path / "target.nii.gz"
-    nib.save(nib.Nifti1Image(_phantom(offset=2.0), np.eye(4)), str(source))
+    nib.save(nib.Nifti1Image(_phantom(offset=2.0), AFFINE), str(source))
     nib.save(nib.Nifti1Image(_phantom(seed=1), AFFINE), str(target))
     return source, target
 
 
-def test_register_round_trips_through_the_displacement_file(checkpoint, pair, tmp_path):
+def test_register_round_trips_through_the_voxel_displacement_file(checkpoint, pair, tmp_path):
     source, target = pair
     files = register_cli.run(
         ["--model", str(checkpoint), "--source", str(source), "--target", str(target)]
         + ["--out", str(tmp_path / "out"), "--device", "cpu"]
     )
-    ddf_image = nib.load(str(files["displacement"]))
+    ddf_image = nib.load(str(files["displacement_voxels"]))
     assert ddf_image.shape == (32, 32, 1, 1, 2) and ddf_image.header.get_intent()[0] == "vector"
     assert int(ddf_image.header["intent_code"]) == NIFTI_INTENT_VECTOR
     np.testing.assert_allclose(ddf_image.affine, AFFINE)  # the target's space
-    ddf = torch.from_numpy(read_displacement(files["displacement"]))
+    ddf = torch.from_numpy(read_voxel_displacement(files["displacement_voxels"]))
     assert ddf.shape == (2, 32, 32) and ddf.abs().max() > 0.2  # a real, non-identity field
     moving = torch.from_numpy(np.asarray(nib.load(str(source)).dataobj, dtype=np.float32))[None, None]
     rewarped = Warp(mode="bilinear", padding_mode="border")(moving, ddf[None])[0, 0].numpy()
@@ -66,6 +66,10 @@ def test_register_round_trips_through_the_displacement_file(checkpoint, pair, tm
     np.testing.assert_allclose(warped.affine, AFFINE)
     np.testing.assert_allclose(np.asarray(warped.dataobj), rewarped, rtol=1e-5, atol=1e-3)
     assert not np.allclose(rewarped, moving[0, 0].numpy(), atol=1e-2)
+    # the world-convention field: voxels along each axis times the spacing, x and y negated (RAS → LPS)
+    world = np.asarray(nib.load(str(files["displacement"])).dataobj)[:, :, 0, 0, :]
+    np.testing.assert_allclose(world[..., 0], -1.5 * ddf[0].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(world[..., 1], -0.8 * ddf[1].numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_register_uses_the_backbone_alone(checkpoint, pair, tmp_path, monkeypatch):
@@ -108,12 +112,11 @@ def test_itk_formats_labels_and_padding(checkpoint, tmp_path):
         ["--model", str(checkpoint), "--source", str(paths["source"]), "--target", str(paths["target"])]
         + ["--source-labels", str(paths["labels"]), "--out", str(tmp_path / "out")]
     )
-    warped = nib.load(str(files["warped"]))
-    assert warped.shape == (30, 28)  # padded to 32×32 for the network, cropped back
-    # ITK's LPS origin and spacing in NIfTI's RAS affine.
-    np.testing.assert_allclose(warped.affine[:2, :2], np.diag([-0.7, -1.3]))
-    np.testing.assert_allclose(warped.affine[:2, 3], [-3.0, -4.0])
-    labels = np.asarray(nib.load(str(files["warped_labels"])).dataobj)
+    warped = sitk.ReadImage(str(files["warped"]))
+    assert files["warped"].name.endswith(".nrrd") and warped.GetSize() == (30, 28)  # cropped back, the target's format
+    np.testing.assert_allclose(warped.GetSpacing(), spacing)
+    np.testing.assert_allclose(warped.GetOrigin(), origin)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(files["warped_labels"])))
     assert set(np.unique(labels)) <= {0, 2} and (labels == 2).any()  # nearest: no new label values
 
 
@@ -123,7 +126,7 @@ def test_clear_errors(checkpoint, pair, tmp_path, capsys):
     nib.save(nib.Nifti1Image(_phantom((32, 40)), np.eye(4)), str(other))
     with pytest.raises(SystemExit) as exit_info:
         register_cli.main(["--model", str(checkpoint), "--source", str(source), "--target", str(other)])
-    assert exit_info.value.code == 2 and "differ in shape" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "different grids" in capsys.readouterr().err
     odd = tmp_path / "odd.nii.gz"
     nib.save(nib.Nifti1Image(_phantom((30, 30)), np.eye(4)), str(odd))
     with pytest.raises(SystemExit):
@@ -168,7 +171,7 @@ def test_register_scales_intensities_as_the_run_was_trained(checkpoint, tmp_path
         files = register_cli.run(
             ["--model", str(model), "--source", str(source), "--target", str(target), "--out", str(out), *options]
         )
-        return read_displacement(files["displacement"])
+        return read_voxel_displacement(files["displacement_voxels"])
 
     trained = displacement(run)  # data.intensity of the run: percentile
     np.testing.assert_allclose(trained, displacement(run / "checkpoints" / "best-epoch000.ckpt"))

@@ -65,3 +65,25 @@ def make_run_folder(folder: Path, method: str = "adacs", seed: int = 0, backbone
     choices = {"hydra": {"runtime": {"choices": {"backbone": backbone, "method": method}}}}
     (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(choices))
     return folder
+
+
+NARROW = {
+    "voxelmorph": {"channels": [4, 8, 8, 8], "unet_out_channels": 8, "final_conv_channels": [8]},
+    "transmorph": {"embed_dim": 12, "num_heads": [1, 1, 2, 2], "drop_path_rate": 0.0},
+}
+
+
+def save_backbone_checkpoint(path: Path, name: str, spatial_dims: int) -> Path:
+    """A checkpoint holding a narrow ``name`` backbone (and its config), as adacs-train writes one."""
+    from hydra.utils import instantiate
+
+    config = {"_target_": f"adacs_lightning.backbones.{name}", "spatial_dims": spatial_dims, **NARROW[name]}
+    torch.manual_seed(0)
+    backbone = instantiate(config)
+    last = [m for m in backbone.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))][-1]
+    with torch.no_grad():
+        last.weight.normal_(0.0, 0.3)  # a displacement well away from 0
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state, BACKBONE_CONFIG_KEY: config}, path)
+    return path

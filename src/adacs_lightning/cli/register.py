@@ -1,53 +1,79 @@
-"""``adacs-register``: register a source image onto a target with a trained network.
+"""``adacs-register``: register new scans with a trained network, one pair or a whole folder in one process.
 
 Examples::
 
     adacs-register --model outputs/<run> --source es.nii.gz --target ed.nii.gz --out registered/
-    adacs-register --model outputs/<run>/backbone.pt --source a.mha --target b.mha \\
-        --source-labels a_seg.nrrd --out registered/
+    adacs-register --model outputs/<run>/backbone.pt --source a.mha --target b.mha --source-labels a_seg.nrrd
+    adacs-register --model outputs/<run> --csv pairs.csv --out registered/      # every row, one process
+
+Outputs are on the target's grid and in the target's file format; the displacement is in the
+convention ITK, ANTs and 3D Slicer apply (docs/interop.md). PyTorch is imported only once the
+arguments are valid, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import inspect
+import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-from hydra.utils import get_class
-from omegaconf import OmegaConf
-
-from ..checkpoint import load_backbone
-from ..data.transforms import INTENSITY_MODES
+from ..choices import INTENSITY_MODES
 from ..errors import AdaCSError
-from ..evaluation.inference import register_arrays
-from ..evaluation.io import read_image, write_displacement, write_image
-from ..evaluation.report import resolve_device
-from ..evaluation.runs import best_checkpoint
+
+GRID_CHOICES = ("refuse", "resample")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adacs-register",
         description=(
-            "Register SOURCE onto TARGET with the registration network of a trained run (the backbone alone: "
-            "no scorer is built or run). Reads NIfTI, MHA, NRRD and other ITK formats; writes NIfTI in the "
-            "target's space: the warped source (its original intensities), the displacement as a vector image "
-            "(voxels, component i along array axis i, source(x + u(x)) ≈ target(x)) and, optionally, the "
-            "source labels warped with nearest-neighbour interpolation."
+            "Register SOURCE onto TARGET (or every row of a CSV) with the registration network of a trained run: "
+            "the backbone alone, no scorer. Reads NIfTI, MHA/MHD and NRRD. Writes, on the target's grid and in its "
+            "format: the warped source (its original intensities), the displacement as ITK/ANTs/3D Slicer apply it "
+            "(physical mm, LPS components, a displacement field on the target grid), its inverse, the product's own "
+            "voxel-unit field (displacement_voxels.nii.gz) and, with labels, the warped source labels."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, type=Path, help="run folder, .ckpt checkpoint or backbone.pt")
-    parser.add_argument("--source", required=True, type=Path, help="moving image")
-    parser.add_argument("--target", required=True, type=Path, help="fixed image")
-    parser.add_argument("--source-labels", type=Path, default=None, help="label map of the source, to warp")
-    parser.add_argument("--out", type=Path, default=Path("registered"), help="output folder")
+    inputs = parser.add_argument_group("one pair")
+    inputs.add_argument("--source", type=Path, default=None, help="moving image")
+    inputs.add_argument("--target", type=Path, default=None, help="fixed image")
+    inputs.add_argument("--source-labels", type=Path, default=None, help="label map of the source, to warp")
+    inputs.add_argument("--target-labels", type=Path, default=None, help="label map of the target: Dice etc. in metrics")
+    folder = parser.add_argument_group("a folder of pairs")
+    folder.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        help="a CSV as data=folder reads it (source,target[,source_label,target_label,mask,case,…]); one sub-folder "
+        "of --out per row and metrics.csv when rows have labels",
+    )
+    parser.add_argument("--out", "-o", type=Path, default=Path("registered"), help="output folder")
     parser.add_argument("--prefix", default="", help="prefix of the output file names")
     parser.add_argument(
+        "--grid",
+        choices=GRID_CHOICES,
+        default="refuse",
+        help="when source and target lie on different grids (shape, spacing, origin or direction): refuse with a "
+        "message, or resample the source onto the target grid first (MONAI ResampleToMatch; labels nearest)",
+    )
+    parser.add_argument(
         "--divisible", type=int, default=16, help="zero-pad each axis to a multiple of this for the network (1: off)"
+    )
+    parser.add_argument(
+        "--roi-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run the network on overlapping windows of this size (voxels per axis, or one for all) and blend "
+        "them (MONAI sliding-window inference), for images larger than the network takes at once",
     )
     parser.add_argument(
         "--intensity",
@@ -57,54 +83,273 @@ def build_parser() -> argparse.ArgumentParser:
         "when --model is (or lies in) a run folder, else minmax",
     )
     parser.add_argument("--no-scale", action="store_true", help="feed intensities as they are (no scaling)")
+    parser.add_argument("--no-inverse", action="store_true", help="do not compute the inverse displacement")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     return parser
 
 
+@dataclass
+class Options:
+    """What every pair of a call shares."""
+
+    backbone: Any
+    checkpoint: Path
+    scale: str | None
+    device: Any
+    args: argparse.Namespace
+
+
 def run(argv: list[str] | None = None) -> dict[str, Path]:
-    """Parse ``argv``, register, write the outputs; returns their paths."""
+    """Parse ``argv``, register, write the outputs; returns their paths (folder mode: the reports)."""
     args = build_parser().parse_args(argv)
+    _check_arguments(args)
+    from ..checkpoint import load_backbone
+    from ..evaluation.report import resolve_device
+    from ..evaluation.runs import best_checkpoint
+
+    checkpoint = best_checkpoint(args.model) if args.model.is_dir() else args.model
+    backbone = load_backbone(checkpoint, map_location="cpu")
+    scale = None if args.no_scale else args.intensity or training_intensity(args.model) or "minmax"
+    options = Options(backbone, checkpoint, scale, resolve_device(args.device), args)
+    if args.csv is not None:
+        return register_folder(options)
+    files, note = register_pair(options, args.source, args.target, args.source_labels, args.target_labels, args.out)
+    scaling = "unscaled" if scale is None else f"{scale} intensity scaling"
+    print(f"Registered {args.source} onto {args.target} with {checkpoint} ({scaling}{note}):")
+    for name, path in files.items():
+        print(f"  {name}: {path}")
+    return files
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
     if args.divisible < 1:
         raise AdaCSError("--divisible must be at least 1.")
     if args.no_scale and args.intensity:
         raise AdaCSError("--no-scale and --intensity disagree: give one.")
-    checkpoint = best_checkpoint(args.model) if args.model.is_dir() else args.model
-    backbone = load_backbone(checkpoint, map_location="cpu")
-    scale = None if args.no_scale else args.intensity or training_intensity(args.model) or "minmax"
-    source = read_image(args.source, backbone.spatial_dims)
-    target = read_image(args.target, backbone.spatial_dims)
-    labels = read_image(args.source_labels, backbone.spatial_dims).array if args.source_labels else None
+    pair = args.source is not None or args.target is not None
+    if args.csv is not None and pair:
+        raise AdaCSError("Give either --csv (a folder of pairs) or --source and --target (one pair), not both.")
+    if args.csv is None and (args.source is None or args.target is None):
+        raise AdaCSError("Give --source and --target (one pair), or --csv with a list of pairs.")
+    if args.roi_size is not None and min(args.roi_size) < 1:
+        raise AdaCSError("--roi-size must be positive.")
+
+
+def register_pair(
+    options: Options,
+    source_path: Path,
+    target_path: Path,
+    source_labels: Path | None = None,
+    target_labels: Path | None = None,
+    out: Path | None = None,
+    mask: Path | None = None,
+) -> tuple[dict[str, Path], str]:
+    """Register one pair and write its outputs to ``out``; returns the files and a note on resampling.
+
+    With ``target_labels`` it also writes ``metrics.json`` (Dice, HD95, ASD per label, folding).
+    """
+    import numpy as np
+
+    from ..data.io import read_image
+    from ..evaluation.inference import register_arrays
+    from ..fields import world_displacement, write_displacement, write_image, write_voxel_displacement
+
+    args, ndim = options.args, options.backbone.spatial_dims
+    source, target = read_image(source_path, ndim), read_image(target_path, ndim)
+    labels = read_image(source_labels, ndim) if source_labels is not None else None
+    source, labels, note = _on_target_grid(source, labels, target, args.grid, source_path, target_path)
     start = time.perf_counter()
     result = register_arrays(
-        backbone,
+        options.backbone,
         source.array,
         target.array,
-        labels if labels is None else np.rint(labels).astype(np.int32),
-        scale=scale,
+        None if labels is None else np.rint(labels.array).astype(np.int32),
+        scale=options.scale,
         divisible=args.divisible,
-        device=resolve_device(args.device),
+        device=options.device,
+        roi_size=None if args.roi_size is None else _roi(args.roi_size, ndim),
+        inverse=not args.no_inverse,
     )
     seconds = time.perf_counter() - start
-    out, prefix = args.out, args.prefix
+    out = Path(out if out is not None else args.out)
+    suffix = _suffix(target_path)
+    name = f"{args.prefix}{{}}{suffix}"
     files = {
-        "warped": write_image(result.warped, target.affine, out / f"{prefix}warped.nii.gz"),
-        "displacement": write_displacement(result.ddf, target.affine, out / f"{prefix}displacement.nii.gz"),
+        "warped": write_image(result.warped, target, out / name.format("warped")),
+        "displacement": write_displacement(
+            world_displacement(result.ddf, target.affine), target, out / name.format("displacement")
+        ),
+        "displacement_voxels": write_voxel_displacement(
+            result.ddf, target.affine, out / f"{args.prefix}displacement_voxels.nii.gz"
+        ),
     }
-    if result.warped_labels is not None:
-        files["warped_labels"] = write_image(
-            result.warped_labels, target.affine, out / f"{prefix}warped_labels.nii.gz", dtype=np.int32
+    if result.inverse_ddf is not None:
+        files["inverse_displacement"] = write_displacement(
+            world_displacement(result.inverse_ddf, target.affine), target, out / name.format("inverse_displacement")
         )
-    scaling = "unscaled" if scale is None else f"{scale} intensity scaling"
-    print(f"Registered {args.source} onto {args.target} in {seconds:.2f} s with {checkpoint} ({scaling}):")
-    for name, path in files.items():
-        print(f"  {name}: {path}")
-    return files
+    if result.warped_labels is not None:
+        files["warped_labels"] = write_image(result.warped_labels, target, out / name.format("warped_labels"), np.int32)
+    record = {
+        "source": str(source_path),
+        "target": str(target_path),
+        "model": str(options.checkpoint),
+        "intensity_scaling": options.scale,
+        "grid": note.strip(", ") or "source and target on one grid",
+        "seconds": seconds,
+        "displacement": "LPS millimetres on the target grid; ITK DisplacementFieldTransform / ANTs warp convention",
+        "displacement_voxels": "voxels along the target's array axes; source(x + u(x)) ≈ target(x)",
+    }
+    if target_labels is not None and labels is not None:
+        record["metrics"] = _metrics(result.ddf, labels, read_image(target_labels, ndim), target, mask)
+    files["record"] = out / f"{args.prefix}registration.json"
+    files["record"].write_text(json.dumps(record, indent=2))
+    return files, note
+
+
+def _on_target_grid(source, labels, target, grid: str, source_path: Path, target_path: Path):
+    """The source (and its labels) on the target's grid: as they are, resampled, or refused."""
+    from ..fields import describe_grid, same_grid
+
+    if same_grid(source, target):
+        return source, labels, ""
+    if grid == "refuse":
+        raise AdaCSError(
+            f"{source_path} and {target_path} lie on different grids: the source has {describe_grid(source)}, "
+            f"the target {describe_grid(target)}. Resample the source onto the target grid with --grid resample "
+            "(MONAI ResampleToMatch), or give images on one grid."
+        )
+    resampled = _resample(source, target, "bilinear")
+    resampled_labels = None if labels is None else _resample(labels, target, "nearest")
+    return resampled, resampled_labels, ", the source resampled onto the target grid (MONAI ResampleToMatch)"
+
+
+def _resample(moving, target, mode: str):
+    """``moving`` resampled onto ``target``'s grid by world coordinates (MONAI ``ResampleToMatch``)."""
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import ResampleToMatch
+
+    from ..data.io import Volume
+
+    ndim = target.array.ndim
+    as_meta = [
+        MetaTensor(torch.as_tensor(v.array, dtype=torch.float32)[None], affine=torch.as_tensor(_affine_nd(v.affine, ndim)))
+        for v in (moving, target)
+    ]
+    resampled = ResampleToMatch(mode=mode, padding_mode="zeros")(as_meta[0], as_meta[1])
+    return Volume(np.asarray(resampled[0], dtype=np.float32), target.affine)
+
+
+def _affine_nd(affine, ndim: int):
+    """The ``(ndim+1)²`` affine of an ``ndim``-D image from a 4×4 one (2D: the in-plane part)."""
+    import numpy as np
+
+    if ndim == 3:
+        return affine
+    out = np.eye(ndim + 1)
+    out[:ndim, :ndim], out[:ndim, ndim] = affine[:ndim, :ndim], affine[:ndim, 3]
+    return out
+
+
+def _metrics(ddf, labels, target_labels, target, mask_path: Path | None) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    from ..data.io import read_image
+    from ..evaluation.cases import case_metrics
+
+    source_label = torch.as_tensor(np.rint(labels.array), dtype=torch.long)[None, None]
+    target_label = torch.as_tensor(np.rint(target_labels.array), dtype=torch.long)[None, None]
+    values = sorted(int(v) for v in torch.unique(target_label).tolist() if v != 0)
+    mask = None
+    if mask_path is not None:
+        mask = torch.as_tensor(read_image(mask_path, labels.array.ndim).array > 0.5, dtype=torch.float32)[None, None]
+    return case_metrics(
+        torch.as_tensor(ddf)[None], source_label, target_label, values, {v: f"label{v}" for v in values},
+        torch.as_tensor(target.spacing, dtype=torch.float64), mask,
+    )  # fmt: skip
+
+
+def register_folder(options: Options) -> dict[str, Path]:
+    """Every row of ``--csv`` in this process, with a progress bar; a bad row is reported and skipped.
+
+    Writes ``<out>/<case>/…`` per row, ``metrics.csv`` (one row per labelled pair) and
+    ``failed.csv`` (the rows that could not be registered, and why).
+    """
+    from tqdm.auto import tqdm
+
+    from ..data.folder import FolderDataModule
+
+    args = options.args
+    catalog = FolderDataModule(str(args.csv), spatial_dims=options.backbone.spatial_dims).discover()
+    failed = [{"case": b.case, "file": b.file, "problem": f"{b.problem} {b.fix}".strip()} for b in catalog.bad]
+    metrics, start = [], time.perf_counter()
+    units = list(catalog.units.values())
+    for unit in tqdm(units, desc="Registering", unit="pair", disable=not sys.stderr.isatty()):
+        files = unit.files
+        try:
+            written, _ = register_pair(
+                options,
+                Path(files["source"]),
+                Path(files["target"]),
+                _path(files.get("label_source")),
+                _path(files.get("label_target")),
+                args.out / unit.id,
+                _path(files.get("mask")),
+            )
+        except AdaCSError as error:
+            failed.append({"case": unit.id, "file": files.get("source", ""), "problem": str(error)})
+            print(f"adacs-register: skipped {unit.id}: {error}", file=sys.stderr)
+            continue
+        record = json.loads(written["record"].read_text())
+        if "metrics" in record:
+            metrics.append({"case": unit.id, **record["metrics"], "seconds": record["seconds"]})
+    seconds = time.perf_counter() - start
+    reports = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    if metrics:
+        reports["metrics"] = _write_rows(metrics, args.out / "metrics.csv")
+    reports["failed"] = _write_rows(failed, args.out / "failed.csv", ["case", "file", "problem"])
+    done = len(units) - sum(1 for f in failed if f["case"] in catalog.units)
+    print(f"Registered {done} of {len(units) + len(catalog.bad)} pairs in {seconds:.1f} s into {args.out}", end="")
+    print(f" ({len(failed)} skipped: see {reports['failed']})." if failed else ".")
+    return reports
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _write_rows(rows: list[dict], path: Path, columns: list[str] | None = None) -> Path:
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _roi(size: list[int], ndim: int) -> tuple[int, ...]:
+    return tuple(size) * ndim if len(size) == 1 else tuple(size)
+
+
+def _suffix(path: Path) -> str:
+    """The target's file extension (``.nii.gz``, ``.nii``, ``.mha``, ``.nrrd``); ``.mhd`` targets get ``.mha``."""
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    suffix = path.suffix.lower()
+    return ".mha" if suffix == ".mhd" else suffix if suffix in (".nii", ".mha", ".nrrd") else ".nii.gz"
 
 
 def training_intensity(model: Path) -> str | None:
     """The intensity scaling the model was trained with: ``data.intensity`` of its run folder (``model``
     itself, or the folder a checkpoint lies in), else the data module's default; None without a run folder
     or when its data module has no such setting (e.g. synthetic data, generated in [0, 1])."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
     candidates = [model] if model.is_dir() else [model.parent, model.parent.parent]
     folder = next((p for p in candidates if (p / ".hydra" / "config.yaml").is_file()), None)
     if folder is None:

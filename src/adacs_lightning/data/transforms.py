@@ -27,9 +27,9 @@ from monai.transforms import (
 )
 from scipy import ndimage
 
+from ..choices import INTENSITY_MODES
 from .bad_cases import DataError
 
-INTENSITY_MODES = ("minmax", "percentile")
 
 
 def file_of(image: Any, fallback: str = "<image>") -> str:

@@ -63,7 +63,6 @@ class CaseEvaluator:
         self.backbone = backbone.to(self.device).eval()
         self.labels = [int(v) for v in labels]
         self.names = {k: str((names or {}).get(k, f"label{k}")) for k in self.labels}
-        self.warp_labels = warp_block("nearest", "border")
         self._warm = False
         self._warned_spacing = False
 
@@ -90,26 +89,62 @@ class CaseEvaluator:
         if "source_label" not in pair or "target_label" not in pair:
             raise ValueError(f"case '{pair.get('case_id')}' has no source_label/target_label to evaluate with")
         ddf, ms = self.register(pair["source"], pair["target"])
-        ddf = ddf.float().cpu()
-        source_label, target_label = pair["source_label"].long(), pair["target_label"].long()
-        warped = self.warp_labels(source_label.float(), ddf).round().long()
         spacing = pair.get("spacing")
         if spacing is None and not self._warned_spacing:
             warnings.warn("The data gives no voxel spacing: distances are in voxels (1 mm assumed).", stacklevel=2)
             self._warned_spacing = True
-        dice = dice_per_label(warped, target_label, self.labels)[0]
-        initial = dice_per_label(source_label, target_label, self.labels)[0]
-        surface = surface_distances_per_label(warped, target_label, self.labels, spacing)
-        row: dict[str, Any] = {"case_id": pair["case_id"]}
-        for j, label in enumerate(self.labels):
-            name = self.names[label]
-            row[f"dice_{name}"] = float(dice[j])
-            for metric in ("hd95", "hd", "asd"):
-                row[f"{metric}_{name}"] = float(surface[metric][0, j])
-        row["dice"] = float(dice.nanmean())
-        for metric in ("hd95", "hd", "asd"):
-            row[metric] = float(surface[metric][0].nanmean())
-        row["dice_initial"] = float(initial.nanmean())
-        row["folding_pct"] = float(folding_percentage(ddf, pair.get("mask"))[0])
+        row = {"case_id": pair["case_id"]}
+        row.update(
+            case_metrics(
+                ddf.float().cpu(),
+                pair["source_label"],
+                pair["target_label"],
+                self.labels,
+                self.names,
+                spacing,
+                pair.get("mask"),
+            )
+        )
         row["time_ms"] = ms
         return row
+
+
+@torch.no_grad()
+def case_metrics(
+    ddf: Tensor,
+    source_label: Tensor,
+    target_label: Tensor,
+    labels: Sequence[int],
+    names: Mapping[int, str],
+    spacing: Tensor | Sequence[float] | None = None,
+    mask: Tensor | None = None,
+) -> dict[str, float]:
+    """Label overlap, surface distances and folding of one registered pair.
+
+    Args:
+        ddf: ``(1, ndim, *spatial)`` displacement in voxels.
+        source_label, target_label: ``(1, 1, *spatial)`` integer label maps.
+        labels: label values of interest; ``names`` their column names.
+        spacing: mm per voxel (``(ndim,)``), None for 1 mm.
+        mask: optional field of view ``(1, 1, *spatial)`` for the folding percentage.
+
+    Returns ``dice_<name>``, ``hd95_<name>``, ``hd_<name>``, ``asd_<name>`` per label, their means
+    ``dice``, ``hd95``, ``hd``, ``asd``, ``dice_initial`` (before registration) and ``folding_pct``.
+    """
+    source_label, target_label = source_label.long(), target_label.long()
+    warped = warp_block("nearest", "border")(source_label.float(), ddf.float()).round().long()
+    dice = dice_per_label(warped, target_label, labels)[0]
+    initial = dice_per_label(source_label, target_label, labels)[0]
+    surface = surface_distances_per_label(warped, target_label, labels, spacing)
+    row: dict[str, float] = {}
+    for j, label in enumerate(labels):
+        name = names[label]
+        row[f"dice_{name}"] = float(dice[j])
+        for metric in ("hd95", "hd", "asd"):
+            row[f"{metric}_{name}"] = float(surface[metric][0, j])
+    row["dice"] = float(dice.nanmean())
+    for metric in ("hd95", "hd", "asd"):
+        row[metric] = float(surface[metric][0].nanmean())
+    row["dice_initial"] = float(initial.nanmean())
+    row["folding_pct"] = float(folding_percentage(ddf, mask)[0])
+    return row

@@ -23,12 +23,13 @@ class Registration:
 
     ``warped``: the source warped onto the target (its original intensities); ``ddf``:
     the displacement ``(ndim, *spatial)`` in voxels; ``warped_labels``: the source labels
-    warped with nearest-neighbour interpolation, or None.
+    warped with nearest-neighbour interpolation, or None; ``inverse_ddf``: when asked for.
     """
 
     warped: np.ndarray
     ddf: np.ndarray
     warped_labels: np.ndarray | None = None
+    inverse_ddf: np.ndarray | None = None  # (ndim, *spatial): maps the source back onto the target
 
 
 def scale_to_unit(array: np.ndarray, mode: str = "minmax") -> Tensor:
@@ -51,14 +52,19 @@ def register_arrays(
     scale: str | None = "minmax",
     divisible: int = 16,
     device: str | torch.device = "cpu",
+    roi_size: tuple[int, ...] | None = None,
+    inverse: bool = False,
 ) -> Registration:
-    """Register ``source`` onto ``target`` (both ``(*spatial)``) with the backbone alone.
+    """Register ``source`` onto ``target`` (both ``(*spatial)``, on one grid) with the backbone alone.
 
     The network sees both images scaled to [0, 1] by ``scale`` (``minmax`` or ``percentile``, see
     :func:`scale_to_unit`; None uses them as they are) and,
     when ``divisible > 1``, zero-padded symmetrically to a multiple of ``divisible`` per axis
     (U-Net backbones need sizes that divide by their total down-sampling, 16 for VoxelMorph);
-    the displacement is cropped back to the input's shape.
+    the displacement is cropped back to the input's shape. With ``roi_size`` the network runs on
+    overlapping windows of that size, blended with Gaussian weights (MONAI's sliding-window
+    inference), for images larger than the network can take at once. ``inverse`` also returns the
+    inverse displacement (fixed-point iteration, :func:`invert_displacement`).
     """
     if source.shape != target.shape:
         raise AdaCSError(
@@ -75,8 +81,11 @@ def register_arrays(
     )
     pad = DivisiblePad(k=max(divisible, 1), mode="constant")
     padded_moving, padded_fixed = (convert_to_tensor(pad(image), track_meta=False) for image in (moving, fixed))
+    backbone = backbone.to(device).eval()
     try:
-        ddf = backbone.to(device).eval()(padded_moving[None].to(device), padded_fixed[None].to(device))[0].cpu()
+        pair = (padded_moving[None].to(device), padded_fixed[None].to(device))
+        ddf = _windowed(backbone, *pair, roi_size) if roi_size else backbone(*pair)
+        ddf = ddf[0].cpu()
     except (RuntimeError, ValueError) as error:
         raise AdaCSError(
             f"The network could not register images of shape {source.shape} (padded to "
@@ -94,7 +103,35 @@ def register_arrays(
         labels = torch.as_tensor(np.asarray(source_labels), dtype=torch.float32)[None, None]
         warped_labels = warp_block("nearest", "border")(labels, ddf[None])[0, 0].round().numpy()
         warped_labels = warped_labels.astype(np.asarray(source_labels).dtype)
-    return Registration(warped.numpy(), ddf.numpy(), warped_labels)
+    inverse_ddf = invert_displacement(ddf[None])[0].numpy() if inverse else None
+    return Registration(warped.numpy(), ddf.numpy(), warped_labels, inverse_ddf)
+
+
+def _windowed(backbone: Backbone, moving: Tensor, fixed: Tensor, roi_size: tuple[int, ...]) -> Tensor:
+    """The displacement from overlapping windows of ``roi_size`` (MONAI ``sliding_window_inference``)."""
+    from monai.inferers import sliding_window_inference
+
+    channels = moving.shape[1]
+
+    def predict(pair: Tensor) -> Tensor:
+        return backbone(pair[:, :channels], pair[:, channels:])
+
+    return sliding_window_inference(
+        torch.cat([moving, fixed], dim=1), roi_size, sw_batch_size=1, predictor=predict, overlap=0.25, mode="gaussian"
+    )
+
+
+def invert_displacement(ddf: Tensor, iterations: int = 30) -> Tensor:
+    """The inverse ``v`` of a displacement ``u`` ``(B, ndim, *spatial)`` in voxels: ``v(y) = −u(y + v(y))``.
+
+    Fixed-point iteration, as ITK's ``InvertDisplacementFieldImageFilter``; it converges for
+    fields without folding. ``x + u(x)`` maps target to source voxels; ``y + v(y)`` maps back.
+    """
+    warp = warp_block("bilinear", "border")
+    inverse = -ddf
+    for _ in range(iterations):
+        inverse = -warp(ddf, inverse)
+    return inverse
 
 
 def _pad_before(shape: tuple[int, ...], divisible: int) -> list[int]:

@@ -1,0 +1,6 @@
+"""Values of settings that command-line tools check before importing the training stack."""
+
+#: Intensity scalings of image files to [0, 1] (``data.intensity``, ``adacs-register --intensity``).
+INTENSITY_MODES = ("minmax", "percentile")
+#: Formats ``adacs-export`` writes.
+EXPORT_FORMATS = ("torchscript", "export", "onnx")
