@@ -148,3 +148,24 @@ def test_multirun_survives_a_failed_job(tmp_path):
     assert "Setting 'method.alpha'" in result.stderr
     assert not (tmp_path / "0" / "summary.json").exists()
     assert (tmp_path / "1" / "summary.json").is_file()
+
+
+def test_every_subpackage_and_config_file_is_installed():
+    """The explicit package list and package data of pyproject.toml cover the source tree and conf/."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    source = root / "src"
+    packages = {".".join(p.parent.relative_to(source).parts) for p in source.rglob("__init__.py")}
+    assert packages <= listed, f"not installed: {sorted(packages - listed)}"
+    patterns = project["tool"]["setuptools"]["package-data"]["adacs_lightning.conf"]
+    configs = [str(p.relative_to(root / "conf")) for p in (root / "conf").rglob("*.yaml")]
+    missing = [
+        c
+        for c in configs
+        if not any(fnmatch.fnmatch(c, pattern) and c.count("/") == pattern.count("/") for pattern in patterns)
+    ]
+    assert not missing, f"config files not shipped: {missing}"

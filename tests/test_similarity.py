@@ -137,3 +137,39 @@ def test_label_term_is_monais_dice_loss_of_the_warped_one_hot_labels():
     smooth = logs["train/smooth_ddf"]
     torch.testing.assert_close(loss, mse + 0.01 * smooth + 0.5 * expected)
     assert math.isfinite(float(logs["train/label_dice_loss"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("similarity", ["lncc", "mi"])
+@pytest.mark.parametrize("method", ["baseline", "adacs"])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_similarities_train_from_the_cli(tmp_path, similarity, method, spatial_dims):
+    from .helpers.training import adacs_train
+
+    size = ["data.image_size=16"] if spatial_dims == 3 else []
+    run = tmp_path / "run"
+    result = adacs_train(
+        "debug=tiny", f"similarity={similarity}", f"method={method}", f"data.spatial_dims={spatial_dims}", *size,
+        "data.train_pairs=4", "data.batch_size=2", "logger=csv", f"hydra.run.dir={run}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    metrics = json.loads((run / "summary.json").read_text())["metrics"]
+    assert math.isfinite(metrics["val/residual"]) and math.isfinite(metrics["train/data"])
+    stored = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["adacs_similarity"]
+    assert ("LocalNCC" if similarity == "lncc" else "MutualInformation") in stored
+
+
+@pytest.mark.slow
+def test_label_supervision_trains_from_the_cli(tmp_path):
+    from .helpers.training import adacs_train
+
+    run = tmp_path / "run"
+    result = adacs_train("debug=tiny", "method.label_weight=0.5", "logger=csv", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import csv
+
+    with (run / "csv" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert any(r.get("train/label_dice_loss_step") for r in rows)

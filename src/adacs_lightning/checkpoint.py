@@ -78,6 +78,7 @@ def save_backbone(checkpoint_path: str | Path, output_path: str | Path) -> Path:
         "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")},
         BACKBONE_CONFIG_KEY: checkpoint.get(BACKBONE_CONFIG_KEY),
         METHOD_KEY: method_of(checkpoint),
+        SIMILARITY_KEY: checkpoint.get(SIMILARITY_KEY),
     }
     output_path = Path(output_path)
     torch.save(backbone_only, output_path)

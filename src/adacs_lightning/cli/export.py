@@ -90,7 +90,9 @@ def _size(args: argparse.Namespace, ndim: int) -> tuple[int, ...]:
     if size is None:
         size = _run_image_size(args.model)
     if size is None:
-        raise AdaCSError("Give the input size with --size (e.g. --size 128 128): the model has no run folder to read it.")
+        raise AdaCSError(
+            "Give the input size with --size (e.g. --size 128 128): the model has no run folder to read it."
+        )
     size = [int(s) for s in ([size] if isinstance(size, int) else size)]
     size = size * ndim if len(size) == 1 else size
     if len(size) != ndim or min(size) < 1:

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--source", type=Path, default=None, help="moving image")
     inputs.add_argument("--target", type=Path, default=None, help="fixed image")
     inputs.add_argument("--source-labels", type=Path, default=None, help="label map of the source, to warp")
-    inputs.add_argument("--target-labels", type=Path, default=None, help="label map of the target: Dice etc. in metrics")
+    inputs.add_argument(
+        "--target-labels", type=Path, default=None, help="label map of the target: Dice etc. in metrics"
+    )
     folder = parser.add_argument_group("a folder of pairs")
     folder.add_argument(
         "--csv",
@@ -234,7 +236,9 @@ def _resample(moving, target, mode: str):
 
     ndim = target.array.ndim
     as_meta = [
-        MetaTensor(torch.as_tensor(v.array, dtype=torch.float32)[None], affine=torch.as_tensor(_affine_nd(v.affine, ndim)))
+        MetaTensor(
+            torch.as_tensor(v.array, dtype=torch.float32)[None], affine=torch.as_tensor(_affine_nd(v.affine, ndim))
+        )
         for v in (moving, target)
     ]
     resampled = ResampleToMatch(mode=mode, padding_mode="zeros")(as_meta[0], as_meta[1])

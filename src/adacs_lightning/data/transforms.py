@@ -31,7 +31,6 @@ from ..choices import INTENSITY_MODES
 from .bad_cases import DataError
 
 
-
 def file_of(image: Any, fallback: str = "<image>") -> str:
     """The file an image was read from (``MetaTensor`` meta), for messages."""
     meta = getattr(image, "meta", None) or {}

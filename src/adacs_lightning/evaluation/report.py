@@ -88,6 +88,7 @@ def evaluate_run(
         "backbone": run.backbone,
         "method": run.method,
         "seed": run.seed,
+        "similarity": run.similarity,
         "data": data_key(data, split),
     }
     figure_model = _figure_model(run, evaluator.backbone) if figures > 0 else None
@@ -156,7 +157,7 @@ def summarise(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for members in groups.values():
         first = members[0]
-        row = {k: first[k] for k in ("run", "backbone", "method", "seed", "data")}
+        row = {k: first.get(k) for k in ("run", "backbone", "method", "seed", "similarity", "data")}
         row["n"] = len(members)
         for metric in ("dice_initial", *METRICS):
             row[f"{metric}_mean"], row[f"{metric}_std"], _ = mean_std([m[metric] for m in members])

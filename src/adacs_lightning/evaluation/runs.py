@@ -34,6 +34,7 @@ class Run:
             (``adacs``, ``baseline``, ``nll``, ``beta_nll``; ``unknown`` when it records none).
         seed: the run's seed, or None.
         name: a label to show instead of :attr:`label`'s default.
+        similarity: the similarity the backbone was trained with (e.g. ``LocalNCC(window=9)``).
     """
 
     checkpoint: Path
@@ -43,6 +44,7 @@ class Run:
     method: str
     seed: int | None
     name: str | None = None
+    similarity: str = "unknown"
 
     @property
     def label(self) -> str:
@@ -106,20 +108,21 @@ def resolve_run(path: str | Path, checkpoint: str = "selected") -> Run:
     elif path.is_dir():
         raise AdaCSError(f"'{path}' is not a run folder of adacs-train (no .hydra/config.yaml): give a checkpoint.")
     checkpoint_path = checkpoint_file or best_checkpoint(folder, checkpoint)
-    stored_method, backbone_config = _checkpoint_header(checkpoint_path)
+    stored_method, backbone_config, similarity = _checkpoint_header(checkpoint_path)
     backbone = (choices or {}).get("backbone") or _backbone_name(backbone_config)
     method = (choices or {}).get("method") or stored_method
     seed = config.get("seed") if config is not None else None
-    return Run(checkpoint_path, folder, config, str(backbone), str(method), None if seed is None else int(seed))
+    seed = None if seed is None else int(seed)
+    return Run(checkpoint_path, folder, config, str(backbone), str(method), seed, similarity=similarity)
 
 
-def _checkpoint_header(path: Path) -> tuple[str, dict | None]:
-    """``(method name, backbone config)`` of a checkpoint; a clear error for an unreadable file.
+def _checkpoint_header(path: Path) -> tuple[str, dict | None, str]:
+    """``(method name, backbone config, similarity)`` of a checkpoint; a clear error for an unreadable file.
 
     The method is the one the checkpoint records (``unknown`` for a ``backbone.pt`` written
     before files recorded it: its weights alone cannot tell).
     """
-    from ..checkpoint import BACKBONE_CONFIG_KEY, method_of
+    from ..checkpoint import BACKBONE_CONFIG_KEY, SIMILARITY_KEY, method_of
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
@@ -127,7 +130,9 @@ def _checkpoint_header(path: Path) -> tuple[str, dict | None]:
         raise AdaCSError(f"'{path}' could not be read as a checkpoint ({type(error).__name__}: {error}).") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise AdaCSError(f"'{path}' is not an adacs-train checkpoint (no state_dict).")
-    return method_of(checkpoint) or "unknown", checkpoint.get(BACKBONE_CONFIG_KEY)
+    # Files written before checkpoints recorded it were trained with the squared error.
+    similarity = str(checkpoint.get(SIMILARITY_KEY, "SquaredError()"))
+    return method_of(checkpoint) or "unknown", checkpoint.get(BACKBONE_CONFIG_KEY), similarity
 
 
 def _backbone_name(config: dict | None) -> str:
