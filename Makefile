@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch; set TORCH_SPEC="torch" (or a CUDA build) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install train test test-fast clean
+.PHONY: install train test test-fast lint format clean
 
 install: $(VENV)/.installed
 
@@ -13,19 +13,31 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# W&B's sweep-config schema, for the test of the sweep files (its other dependencies are not needed).
+	$(BIN)/python -m pip install --quiet --no-deps "sweeps==0.3.0"
 	touch $@
 
 ## Train AdaCS on the embedded synthetic data (a few minutes on 2 CPU cores); extra Hydra overrides in ARGS.
 train: install
 	$(BIN)/adacs-train $(ARGS)
 
-## The whole test suite, slow end-to-end runs included.
+## The whole test suite, slow end-to-end runs included, in random order.
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## The test suite without the slow end-to-end runs.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## Lint and format checks (ruff), as CI runs them.
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+## Fix what ruff can fix and format the code.
+format: install
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

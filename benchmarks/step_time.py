@@ -8,7 +8,7 @@ subprocess per variant on the CPU (growth of the peak resident set over the step
 with ``torch.cuda.max_memory_allocated`` on a GPU. Inference compares the exported
 backbone with a bare copy of the network.
 
-    python benchmarks/step_time.py                          # VoxelMorph, 2D 128², batch 8
+    python benchmarks/step_time.py                          # VoxelMorph (1/16), 2D 128², batch 8
     python benchmarks/step_time.py --spatial-dims 3 --size 64 --batch 1
     python benchmarks/step_time.py --device cuda --precision bf16-mixed
 """
@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from adacs_lightning import AdaCS, ScoringNetwork, voxelmorph
+from adacs_lightning import AdaCS, ScoringNetwork, VoxelMorphScorer, voxelmorph
 from adacs_lightning.data import Nuisances, make_pair
 from adacs_lightning.schedule import Phase
 
@@ -88,8 +88,10 @@ class StepTimer(L.Callback):
 class Variant:
     name: str
     phase: Phase | None  # None: the baseline (no scorer)
-    scorer_channels: tuple[int, ...] | None = None
+    scorer: str = "unet"  # unet: the light MONAI U-Net; voxelmorph: the reference's
     score_residual: str = "reuse"
+    bidirectional: bool = False
+    leak: bool = False
 
 
 def build(variant: Variant, args) -> AdaCS:
@@ -97,9 +99,18 @@ def build(variant: Variant, args) -> AdaCS:
     backbone = voxelmorph(spatial_dims=args.spatial_dims)
     if variant.phase is None:
         return FixedPhase(backbone, scoring=False, fixed_phase=Phase.WARMUP_BACKBONE, lr=1e-4)
-    scorer = ScoringNetwork(args.spatial_dims, channels=variant.scorer_channels or args.scorer_channels)
+    if variant.scorer == "voxelmorph":
+        scorer = VoxelMorphScorer(args.spatial_dims)
+    else:
+        scorer = ScoringNetwork(args.spatial_dims, channels=args.scorer_channels)
     return FixedPhase(
-        backbone, scorer=scorer, fixed_phase=variant.phase, score_residual=variant.score_residual, lr=1e-4
+        backbone,
+        scorer=scorer,
+        fixed_phase=variant.phase,
+        score_residual=variant.score_residual,
+        bidirectional=variant.bidirectional,
+        reference_leak=variant.leak,
+        lr=1e-4,
     )
 
 
@@ -127,13 +138,13 @@ def variants(args) -> list[Variant]:
         Variant("baseline", None),
         Variant("adacs warm-up A", Phase.WARMUP_BACKBONE),
         Variant("adacs warm-up B", Phase.WARMUP_SCORER),
-        Variant("adacs joint (reuse)", Phase.JOINT, score_residual="reuse"),
-        Variant("adacs joint (recompute)", Phase.JOINT, score_residual="recompute"),
+        Variant("joint, unet scorer (reuse)", Phase.JOINT),
+        Variant("joint, voxelmorph scorer (reuse)", Phase.JOINT, "voxelmorph"),
+        Variant("joint, voxelmorph scorer (recompute)", Phase.JOINT, "voxelmorph", "recompute"),
+        Variant("joint, reference recipe (bidir, leak)", Phase.JOINT, "voxelmorph", "recompute", True, True),
     ]
-    if args.reference_scorer:
-        found.append(
-            Variant("joint, scorer as large as backbone", Phase.JOINT, tuple(args.reference_scorer), "recompute")
-        )
+    if args.only:
+        found = [v for v in found if v.name in args.only or v.phase is None]
     return found
 
 
@@ -218,14 +229,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--scorer-channels", type=int, nargs="+", default=[16, 32, 32, 32])
-    parser.add_argument(
-        "--reference-scorer",
-        type=int,
-        nargs="*",
-        default=[24, 32, 48, 48],
-        help="widths of a scorer about as large as the backbone (empty to skip)",
-    )
+    parser.add_argument("--scorer-channels", type=int, nargs="+", default=[16, 32, 32, 32], help="unet scorer widths")
+    parser.add_argument("--only", nargs="+", default=None, help="variants to time (the baseline always)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--memory-of", type=int, default=None, help=argparse.SUPPRESS)

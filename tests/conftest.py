@@ -23,3 +23,13 @@ def datamodule():
 @pytest.fixture
 def clean_nuisance():
     return Nuisances(noise="none", drift=0.0, shadow_prob=0.0, dropout_prob=0.0, extra_structure_prob=0.0, fov=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is available (they are skipped, with the reason, elsewhere)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -40,5 +40,8 @@ def test_registration_images_saved_every_n_epochs(tmp_path):
     trainer.fit(tiny_model(), tiny_datamodule())
     saved = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
     assert saved == ["val_epoch001.png", "val_epoch003.png"]
-    assert Image.open(tmp_path / "figures" / saved[0]).size == (len(PANELS) * 32, 2 * 32)
+    assert Image.open(tmp_path / "figures" / saved[0]).size == (
+        len(PANELS) * 32,
+        2 * 32 + 14,
+    )  # a header names the panels
     assert torch.isfinite(trainer.callback_metrics["val/dice"])

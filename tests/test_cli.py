@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,7 +129,7 @@ def test_cli_resume_from_last_checkpoint(tmp_path):
         (["backbone=nope"], ["Could not find 'backbone/nope'", "Available options in 'backbone'", "voxelmorph"]),
         (["+data=nope"], ["Could not find 'data/nope'", "synthetic"]),
         (["method.alpha=-1"], ["Setting 'method.alpha'", "non-negative"]),
-        (["+data.root=/no/such/folder"], ["Setting 'data.root'", "/no/such/folder", "does not exist"]),
+        (["data=acdc", "data.root=/no/such/folder"], ["Setting 'data.root'", "/no/such/folder", "does not exist"]),
         (["ckpt_path=/no/such.ckpt"], ["Setting 'ckpt_path'", "no checkpoint file"]),
         (["data.image_size=[32]"], ["Setting 'data.image_size'", "needs 2 sizes"]),
     ],
@@ -153,6 +154,7 @@ def test_multirun_survives_a_failed_job(tmp_path):
 def test_every_subpackage_and_config_file_is_installed():
     """The explicit package list and package data of pyproject.toml cover the source tree and conf/."""
     import fnmatch
+
     import tomllib
 
     root = Path(__file__).parents[1]

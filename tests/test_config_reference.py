@@ -87,7 +87,7 @@ def test_every_key_of_the_shipped_tree_is_parsed():
     for config in ref.load_tree(REPO / "conf"):
         data = OmegaConf.to_container(OmegaConf.create((REPO / "conf" / config.relpath).read_text()))
         data.pop("defaults", None)
-        prefix = [] if config.group is None or config.is_global else [config.group]
+        prefix = [] if config.group is None or config.is_global else (config.package or config.group).split(".")
         expected = {".".join([*prefix, path]) for path in _flat_paths(data)}
         assert {key.path for key in config.keys} == expected, config.relpath
 

@@ -361,3 +361,29 @@ def test_method_is_read_from_the_checkpoint_and_from_older_files(tmp_path):
     del bare[METHOD_KEY]
     torch.save(bare, tmp_path / "old_backbone.pt")
     assert resolve_run(tmp_path / "old_backbone.pt").method == "unknown"  # not guessed as baseline
+
+
+@pytest.mark.slow
+def test_a_two_value_sweep_is_compared_by_what_differs(tmp_path):
+    """The README's sweep command, then adacs-eval over its runs: labelled arms, a paired test, the axis plot."""
+    from adacs_lightning.cli import evaluate as evaluate_cli
+
+    from .helpers.training import adacs_train
+
+    sweep = tmp_path / "sweep"
+    result = adacs_train("-m", "method.alpha=0.01,0.04", "debug=tiny", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = (sweep / "sweep_summary.md").read_text()  # every multirun gets one
+    assert "method.alpha=0.01" in summary and "method.alpha=0.04" in summary
+    files = evaluate_cli.run([str(sweep / "0"), str(sweep / "1"), "-o", str(tmp_path / "eval"), "--figures", "0"])
+    comparison = (tmp_path / "eval" / "comparison.md").read_text()
+    assert "adacs method.alpha=0.01" in comparison and "adacs method.alpha=0.04" in comparison
+    tests = [r for r in read_csv(files["paired_tests"]) if r["metric"] == "dice"]
+    assert [(t["method"], t["reference"]) for t in tests] == [("adacs method.alpha=0.04", "adacs method.alpha=0.01")]
+    assert files["parameter_plot"].is_file() and "## method.alpha" in files["axes_md"].read_text()
+    reverse = evaluate_cli.run(
+        [str(sweep / "0"), str(sweep / "1"), "-o", str(tmp_path / "eval2"), "--figures", "0"]
+        + ["--reference", "adacs method.alpha=0.04"]
+    )
+    tests = [r for r in read_csv(reverse["paired_tests"]) if r["metric"] == "dice"]
+    assert [(t["method"], t["reference"]) for t in tests] == [("adacs method.alpha=0.01", "adacs method.alpha=0.04")]

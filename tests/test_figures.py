@@ -87,3 +87,65 @@ def test_momentum_curves_survive_a_checkpoint():
     restored = MomentumCurves()
     restored.load_state_dict(curves.state_dict())
     assert (restored.steps, restored.mu, restored.m) == ([1, 2], [0.5, 0.25], [0.0, 0.3])
+
+
+def test_figures_are_drawn_after_the_last_epoch_whatever_the_interval(tmp_path):
+    trainer = tiny_trainer(3, callbacks=[RegistrationImages(every_n_epochs=5)], default_root_dir=str(tmp_path))
+    trainer.fit(tiny_model(), tiny_datamodule())
+    assert sorted(p.name for p in (tmp_path / "figures" / "layout").glob("*.png")) == ["val_epoch002.png"]
+
+
+def test_orientation_follows_the_recorded_direction():
+    from adacs_lightning.figures import view_of
+
+    stored = view_of(2, None)
+    assert stored.edges is None and "as stored" in stored.caption
+    # axis 0 along +x (towards the patient's right), axis 1 along +y (anterior): an axial slice in RAS
+    axial = view_of(2, np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    assert (axial.rows, axial.columns) == (1, 0)  # x across the screen, y down the rows…
+    assert axial.invert_x and axial.invert_y  # …the patient's right on the left, anterior at the top
+    assert axial.edges == ("R", "L", "A", "P") and "Slicer" in axial.caption
+    # a coronal 3D volume stored (x, z, y): the axial slice is the one across axis 1
+    volume = view_of(3, np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
+    assert volume.slice_axis == 1 and volume.edges == ("R", "L", "A", "P")
+
+
+def test_the_figure_has_colour_bars_and_names_its_case_and_epoch(tmp_path):
+    batch = _batch()
+    batch["meta"]["direction"] = torch.tensor([[1.0, 0.0], [0.0, -1.0], [0.0, 0.0]]).expand(4, 3, 2)
+    image = registration_figure(tiny_model().eval(), batch, max_pairs=2, epoch=7)
+    assert image.shape[0] > 300 and image.std() > 0
+
+
+def test_momentum_figure_shades_the_phases():
+    from adacs_lightning.callbacks import phase_spans
+
+    spans = phase_spans([1, 2, 3, 4, 5], ["warm-up A", "warm-up A", "warm-up B", "joint", "joint"])
+    assert spans == [("warm-up A", 1, 2), ("warm-up B", 3, 3), ("joint", 4, 5)]
+    from adacs_lightning.callbacks import momentum_figure
+
+    assert momentum_figure([1, 2, 3, 4, 5], [0.1] * 5, [0.5] * 5, spans).ndim == 3
+
+
+def test_a_run_that_did_not_register_is_flagged():
+    from adacs_lightning.callbacks import RunHealth
+
+    health = RunHealth()
+    health.best_dice, health.identity, health.displacement = 0.585, 0.58, 0.01
+    problems = health.problems()
+    assert len(problems) == 2 and "not learnt to register" in problems[0] and "near zero" in problems[1]
+    health.best_dice, health.displacement = 0.75, 1.2
+    assert health.problems() == []
+
+
+def test_three_dimensional_figures_without_orientation():
+    dm = tiny_datamodule(spatial_dims=3, size=16, pairs=2, batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    from adacs_lightning import AdaCS
+
+    from .helpers.training import tiny_backbone
+
+    model = AdaCS(tiny_backbone(spatial_dims=3))
+    image = registration_figure(model.eval(), batch, max_pairs=1, epoch=0)
+    assert image.ndim == 3 and image.std() > 0

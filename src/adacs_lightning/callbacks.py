@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
@@ -9,21 +10,13 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
 from .losses import squared_residual
 from .warping import warp_block
 
 PANELS = ("source", "target", "warped", "error", "score", "reweighted error", "displacement")
-FIGURE_TITLES = (
-    "source $I_s$",
-    "target $I_t$",
-    "warped source",
-    "displacement",
-    "error $|I_t - I_s\\circ\\phi|$",
-    "score $\\hat S$",
-    "re-weighted error",
-)
 
 
 def _middle_slice(image: torch.Tensor) -> torch.Tensor:
@@ -107,63 +100,21 @@ def registration_panels(module, batch: dict, max_pairs: int = 2) -> np.ndarray:
 
 
 @torch.no_grad()
-def registration_figure(module, batch: dict, max_pairs: int = 2, case_ids: list[str] | None = None) -> np.ndarray:
-    """The paper's Figure 4 layout as an RGB image ``(H, W, 3)`` uint8, one row per pair.
+def registration_figure(
+    module, batch: dict, max_pairs: int = 2, case_ids: list[str] | None = None, epoch: int | None = None
+) -> np.ndarray:
+    """The paper's Figure 4 layout with colour bars, units and orientation (:func:`adacs_lightning.figures.registration_figure`).
 
-    Columns: source, target, warped source, displacement (the deformed grid ``x + u(x)``,
-    every 4 voxels, over the warped source), error ``|I_t − I_s∘φ|``, score map ``Ŝ``, and
-    the re-weighted error ``Ŝ·|error|`` on the error's scale. 3D images show the middle slice
-    along the first axis (and the in-plane displacement components).
+    ``batch`` may carry ``meta`` with ``case_id``, ``spacing`` (mm) and ``direction`` (orientation).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import registration_figure as draw
 
     pairs = panel_tensors(module, batch, max_pairs)
-    fig, axes = plt.subplots(len(pairs), 7, figsize=(14, 2.2 * len(pairs)), squeeze=False)
-    for row, pair in enumerate(pairs):
-        err_max = max(float(pair["error"].max()), 1e-12)
-        panels = [
-            (_middle_slice(pair["source"]), "gray", 1.0),
-            (_middle_slice(pair["target"]), "gray", 1.0),
-            (_middle_slice(pair["warped"]), "gray", 1.0),
-            (_middle_slice(pair["warped"]), "gray", 1.0),
-            (_middle_slice(pair["error"]), "magma", err_max),
-            (_middle_slice(pair["score"]), "viridis", 1.0),
-            (_middle_slice(pair["reweighted error"]), "magma", err_max),
-        ]
-        for col, (image, cmap, vmax) in enumerate(panels):
-            ax = axes[row, col]
-            ax.imshow(image.float().cpu().numpy(), cmap=cmap, vmin=0.0, vmax=vmax, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(FIGURE_TITLES[col], fontsize=9)
-        _draw_deformed_grid(axes[row, 3], pair["ddf"])
-        if case_ids is not None and row < len(case_ids):
-            axes[row, 0].set_ylabel(case_ids[row], fontsize=8)
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
-
-
-def _draw_deformed_grid(ax, ddf: torch.Tensor, every: int = 4) -> None:
-    """Lines of ``x + u(x)`` through every ``every``-th row and column (in-plane components for 3D)."""
-    if ddf.shape[0] == 3:
-        ddf = ddf[1:, ddf.shape[1] // 2]
-    u = ddf.float().cpu().numpy()
-    h, w = u.shape[1:]
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    y, x = rows + u[0], cols + u[1]
-    for i in range(0, h, every):
-        ax.plot(x[i, :], y[i, :], color="yellow", linewidth=0.5)
-    for j in range(0, w, every):
-        ax.plot(x[:, j], y[:, j], color="yellow", linewidth=0.5)
-    ax.set_xlim(-0.5, w - 0.5)
-    ax.set_ylim(h - 0.5, -0.5)
+    meta = batch.get("meta") or {}
+    ids = case_ids or ([str(c) for c in meta["case_id"][: len(pairs)]] if "case_id" in meta else None)
+    spacings = [meta["spacing"][i] for i in range(len(pairs))] if "spacing" in meta else None
+    directions = [meta["direction"][i] for i in range(len(pairs))] if "direction" in meta else None
+    return draw(pairs, ids, spacings, directions, epoch)
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:
@@ -184,12 +135,12 @@ def log_image(loggers, key: str, image: np.ndarray, step: int, caption: str = ""
 
 
 class RegistrationImages(L.Callback):
-    """Every ``every_n_epochs`` validations, save and log panels of the first validation pairs.
+    """Every ``every_n_epochs`` validations, and after the last epoch, save and log panels of validation pairs.
 
-    PNGs go to ``<run folder>/figures/val_epochNNN.png``; W&B and TensorBoard loggers also
-    receive the image (key ``val/registration``). With ``figure=True`` (default) the titled Figure 4
-    layout (:func:`registration_figure`) also goes to ``figures/layout/val_epochNNN.png``
-    (key ``val/registration_figure``). Runs on rank zero only.
+    ``<run folder>/figures/val_epochNNN.png``: the panels as a labelled strip (key ``val/registration``
+    for W&B and TensorBoard); ``figures/layout/val_epochNNN.png``: the titled Figure 4 layout with
+    colour bars, a scale bar and the orientation (:func:`registration_figure`, key
+    ``val/registration_figure``; ``figure=False`` leaves it out). Runs on rank zero only.
     """
 
     def __init__(self, every_n_epochs: int = 1, max_pairs: int = 2, figure: bool = True) -> None:
@@ -201,49 +152,56 @@ class RegistrationImages(L.Callback):
         self._batch: dict | None = None
 
     def _due(self, trainer: L.Trainer) -> bool:
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch == trainer.max_epochs - 1
         return (
-            trainer.is_global_zero
-            and not trainer.sanity_checking
-            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            trainer.is_global_zero and not trainer.sanity_checking and ((epoch + 1) % self.every_n_epochs == 0 or last)
         )
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0 and self._due(trainer):
             self._batch = {k: v[: self.max_pairs] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            meta = batch.get("meta") or {}
+            self._batch["meta"] = {k: v[: self.max_pairs] for k, v in meta.items()}
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._batch is None or not self._due(trainer):
             return
-        image = registration_panels(pl_module, self._batch, self.max_pairs)
+        from .figures import labelled_strip
+
+        image = labelled_strip(registration_panels(pl_module, self._batch, self.max_pairs), PANELS)
         batch, self._batch = self._batch, None
         folder = Path(trainer.default_root_dir) / "figures"
-        save_png(image, folder / f"val_epoch{trainer.current_epoch:03d}.png")
+        epoch = trainer.current_epoch
+        save_png(image, folder / f"val_epoch{epoch:03d}.png")
         log_image(trainer.loggers, "val/registration", image, trainer.global_step, " | ".join(PANELS))
         if self.figure:
-            figure = registration_figure(pl_module, batch, self.max_pairs)
-            save_png(figure, folder / "layout" / f"val_epoch{trainer.current_epoch:03d}.png")
+            figure = registration_figure(pl_module, batch, self.max_pairs, epoch=epoch)
+            save_png(figure, folder / "layout" / f"val_epoch{epoch:03d}.png")
             log_image(trainer.loggers, "val/registration_figure", figure, trainer.global_step)
 
 
 class MomentumCurves(L.Callback):
-    """Records ``μ_T`` and ``m_T`` at every scorer update; at fit end plots them (the paper's Figure 5).
+    """Records ``μ_T`` and ``m_T`` at every update of ``m_T``; at fit end plots them (the paper's Figure 5).
 
-    Saves ``<run folder>/figures/momentum.png`` and sends it to W&B / TensorBoard (key
-    ``train/momentum``). Nothing is drawn for a method without the momentum weight (the baseline).
-    Runs on rank zero only.
+    Saves ``<run folder>/figures/momentum.png`` (the schedule's phases shaded) and sends it to W&B /
+    TensorBoard (key ``train/momentum``). Nothing is drawn for a method without the momentum weight
+    (the baseline). Runs on rank zero only.
     """
 
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.mu: list[float] = []
         self.m: list[float] = []
+        self.phases: list[str] = []
 
     def state_dict(self) -> dict:
         """The curves so far, so that a resumed run draws them from the start."""
-        return {"steps": list(self.steps), "mu": list(self.mu), "m": list(self.m)}
+        return {"steps": list(self.steps), "mu": list(self.mu), "m": list(self.m), "phases": list(self.phases)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.steps, self.mu, self.m = list(state_dict["steps"]), list(state_dict["mu"]), list(state_dict["m"])
+        self.phases = list(state_dict.get("phases", []))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         momentum = getattr(pl_module, "momentum", None)
@@ -251,45 +209,67 @@ class MomentumCurves(L.Callback):
             return
         count = int(momentum.count)
         if count == 0 or (self.steps and self.steps[-1] == count):
-            return  # no scorer update yet, or none in this micro-batch
+            return  # no update yet, or none in this micro-batch
         mu = trainer.callback_metrics.get("train/mu_step", trainer.callback_metrics.get("train/mu"))
         if mu is None:
             return
         self.steps.append(count)
         self.mu.append(float(mu))
         self.m.append(float(momentum.value))
+        self.phases.append(PHASE_NAMES.get(getattr(pl_module.phase, "value", ""), ""))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or not self.steps:
             return
-        image = momentum_figure(self.steps, self.mu, self.m)
+        image = momentum_figure(self.steps, self.mu, self.m, phase_spans(self.steps, self.phases))
         save_png(image, Path(trainer.default_root_dir) / "figures" / "momentum.png")
         log_image(trainer.loggers, "train/momentum", image, trainer.global_step)
 
 
-def momentum_figure(steps: list[int], mu: list[float], m: list[float]) -> np.ndarray:
-    """``μ_T`` (log scale) and ``m_T`` against the scorer update ``T``, as an RGB uint8 image."""
-    import matplotlib
+PHASE_NAMES = {"warmup_backbone": "warm-up A", "warmup_scorer": "warm-up B", "joint": "joint"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (ax_mu, ax_m) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax_mu.plot(steps, mu, linewidth=1.0)
-    if min(mu) > 0:
-        ax_mu.set_yscale("log")
-    ax_mu.set(xlabel="scorer update T", ylabel=r"$\mu_T$", title="residual $\\mu_T$")
-    ax_m.plot(steps, m, color="tab:orange", linewidth=1.0)
-    ax_m.set(xlabel="scorer update T", ylabel="$m_T$", title="momentum weight $m_T$", ylim=(-0.02, 1.02))
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+def phase_spans(steps: list[int], phases: list[str]) -> list[tuple[str, int, int]]:
+    """``(phase, first step, last step)`` of each run of equal phases (steps recorded without one are left out)."""
+    spans: list[tuple[str, int, int]] = []
+    for step, phase in zip(steps, phases):
+        if not phase:
+            continue
+        if spans and spans[-1][0] == phase:
+            spans[-1] = (phase, spans[-1][1], step)
+        else:
+            spans.append((phase, step, step))
+    return spans
+
+
+def momentum_figure(
+    steps: list[int], mu: list[float], m: list[float], phases: list[tuple[str, int, int]] | None = None
+) -> np.ndarray:
+    """``μ_T`` (log scale) and ``m_T`` against the update ``T`` (phases shaded), as an RGB uint8 image."""
+    from .figures import momentum_figure as draw
+
+    return draw(steps, mu, m, phases)
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, showing the schedule phase instead of the logger's version."""
+    """Lightning's progress bar, with the schedule phase and the whole run's remaining time.
+
+    The postfix shows ``phase`` (AdaCS) and ``run ETA``: the epochs left times the mean duration
+    of the epochs so far (validation included), next to Lightning's own ETA of the epoch.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._fit_start: float | None = None
+        self._epochs_done = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._fit_start, self._epochs_done = time.monotonic(), 0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._epochs_done += 1
+        super().on_train_epoch_end(trainer, pl_module)
 
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)
@@ -297,4 +277,64 @@ class ProgressBar(TQDMProgressBar):
         phase = getattr(pl_module, "phase", None)
         if phase is not None and getattr(pl_module, "scorer", None) is not None:
             items["phase"] = phase.value
+        eta = self.run_eta(trainer)
+        if eta is not None:
+            items["run ETA"] = eta
         return items
+
+    def run_eta(self, trainer) -> str | None:
+        """``h:mm:ss`` left in the whole run, from the mean epoch so far; None before the first epoch ends."""
+        if self._fit_start is None or self._epochs_done == 0 or not trainer.max_epochs or trainer.max_epochs < 0:
+            return None
+        per_epoch = (time.monotonic() - self._fit_start) / self._epochs_done
+        left = max(trainer.max_epochs - trainer.current_epoch - 1, 0) * per_epoch
+        return time.strftime("%H:%M:%S", time.gmtime(left))
+
+
+class RunHealth(L.Callback):
+    """At the end of a run, warn when the registration did nothing useful.
+
+    * the best validation Dice is within ``dice_margin`` of the Dice before registration, or
+    * the displacement stayed near zero (mean ``|u|`` below ``min_displacement`` voxels).
+
+    Both usually mean a learning rate too low for the schedule, too few epochs, or images the
+    network cannot read (intensities not in [0, 1]).
+    """
+
+    def __init__(self, dice_margin: float = 0.01, min_displacement: float = 0.05) -> None:
+        self.dice_margin, self.min_displacement = dice_margin, min_displacement
+        self.best_dice: float | None = None
+        self.identity: float | None = None
+        self.displacement: float | None = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        metrics = trainer.callback_metrics
+        if "val/dice" in metrics:
+            value = float(metrics["val/dice"])
+            self.best_dice = value if self.best_dice is None else max(self.best_dice, value)
+            self.identity = float(metrics.get("val/dice_identity", float("nan")))
+        if "val/displacement" in metrics:
+            self.displacement = float(metrics["val/displacement"])
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        for message in self.problems():
+            rank_zero_warn(message)
+
+    def problems(self) -> list[str]:
+        found = []
+        if (
+            self.best_dice is not None
+            and self.identity is not None
+            and self.best_dice - self.identity < self.dice_margin
+        ):
+            found.append(
+                f"The best validation Dice ({self.best_dice:.4f}) is within {self.dice_margin} of the Dice before "
+                f"registration ({self.identity:.4f}): the network has not learnt to register. Train longer, raise "
+                "method.lr, or check that the images are scaled to [0, 1]."
+            )
+        if self.displacement is not None and self.displacement < self.min_displacement:
+            found.append(
+                f"The displacement stayed near zero (mean |u| = {self.displacement:.3f} voxels at the last validation): "
+                "the network has not moved from the identity. Train longer or raise method.lr."
+            )
+        return found

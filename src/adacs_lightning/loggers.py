@@ -62,16 +62,42 @@ def wandb_logger(
     )
 
 
+#: How each validation metric is summarised in a W&B run (what sweeps and W&B tables rank by).
+SUMMARIES = {
+    "val/dice": "max",
+    "val/residual": "min",
+    "val/smoothness": "min",
+    "val/folding_pct": "min",
+    "val/displacement": "last",
+    "val/dice_identity": "last",
+}
+
+
 @rank_zero_only
-def log_backbone_artifact(loggers: Sequence[Logger], checkpoint_path: str | None, name: str = "backbone") -> None:
-    """Log the checkpoint that holds the trained backbone as a W&B model artifact (rank zero only)."""
+def define_summaries(loggers: Sequence[Logger]) -> None:
+    """W&B summaries per metric (``val/dice``: the best, not the last epoch's; distances: the lowest)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            for name, summary in SUMMARIES.items():
+                logger.experiment.define_metric(name, summary=summary)
+
+
+@rank_zero_only
+def log_backbone_artifact(
+    loggers: Sequence[Logger], checkpoint_path: str | None, name: str = "backbone", metadata: dict | None = None
+) -> None:
+    """Log the file holding the trained backbone as a W&B model artifact (rank zero only).
+
+    ``metadata`` (e.g. the metric the checkpoint was chosen by and its value) goes with it.
+    """
     if not checkpoint_path:
         return
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             import wandb
 
-            artifact = wandb.Artifact(name=name, type="model", metadata={"checkpoint": Path(checkpoint_path).name})
+            details = {"checkpoint": Path(checkpoint_path).name, **(metadata or {})}
+            artifact = wandb.Artifact(name=name, type="model", metadata=details)
             artifact.add_file(checkpoint_path)
             logger.experiment.log_artifact(artifact)
 

@@ -1,4 +1,4 @@
-"""The training schedule of AdaCS (METHOD.md, Algorithm 1)."""
+"""The training schedule of AdaCS (docs/method.md, *Schedule*; the paper's Algorithm 1)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import BACKBONE_CONFIG_KEY, save_backbone
 from .errors import AdaCSError, ConfigError
-from .loggers import HistoryCSVLogger, log_backbone_artifact
+from .loggers import HistoryCSVLogger, define_summaries, log_backbone_artifact
 
 log = logging.getLogger("adacs_lightning")
 
@@ -168,6 +168,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if unlabelled:
         log.info("No label maps in the validation pairs: checkpoints are ranked by val/residual (lower is better).")
     _remember_wandb_run(trainer, output_dir)
+    define_summaries(trainer.loggers)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     # Weights are initialised above with the shared seed (DDP also broadcasts rank 0's);
@@ -294,8 +295,12 @@ def _summarise(trainer: L.Trainer, cfg: DictConfig, output_dir: Path) -> dict[st
     source = summary["selected_checkpoint"]
     if source:
         summary["backbone"] = str(save_backbone(source, output_dir / "backbone.pt"))
-        log_backbone_artifact(trainer.loggers, summary["backbone"])
+        chosen_by = {"selected": final, "from_checkpoint": Path(source).name}
+        if final == "best" and summary["best_score"] is not None:
+            chosen_by.update({"metric": summary["ranked_by"], "value": summary["best_score"]})
+        log_backbone_artifact(trainer.loggers, summary["backbone"], metadata=chosen_by)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _hyperparameters_with_results(trainer, cfg, summary)
     log.info("Run folder: %s", output_dir)
     if summary["best_checkpoint"]:
         log.info(
@@ -305,6 +310,18 @@ def _summarise(trainer: L.Trainer, cfg: DictConfig, output_dir: Path) -> dict[st
             summary["best_checkpoint"],
         )
     return summary
+
+
+def _hyperparameters_with_results(trainer: L.Trainer, cfg: DictConfig, summary: dict[str, Any]) -> None:
+    """TensorBoard's HParams table: the run's settings next to its best and final validation metrics."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    results = {f"hp/best_{summary['ranked_by'] or 'metric'}": summary["best_score"]}
+    results.update({f"hp/final_{k}": v for k, v in summary["metrics"].items() if k.startswith("val/")})
+    results = {k.replace("/", "_").replace("hp_", "hp/", 1): v for k, v in results.items() if v is not None}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), metrics=results)
 
 
 def _finish_wandb(trainer: L.Trainer) -> None:

@@ -42,12 +42,16 @@ def _payloads(path: Path) -> Iterator[bytes]:
             pending = b""
 
 
-def read_run(run_dir: Path) -> dict[str, set[str]]:
-    """Record types, config keys and history keys of the offline run in ``run_dir``."""
+def read_run(run_dir: Path) -> dict:
+    """Record types, config keys, history keys, metric summaries and artifact metadata of an offline run."""
+    import json
+
     (run_file,) = run_dir.glob("run-*.wandb")
     kinds: set[str] = set()
     config: set[str] = set()
     history: set[str] = set()
+    summaries: dict[str, set[str]] = {}
+    artifacts: list[dict] = []
     for payload in _payloads(run_file):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
@@ -57,4 +61,15 @@ def read_run(run_dir: Path) -> dict[str, set[str]]:
             config |= {item.key or "/".join(item.nested_key) for item in record.config.update}
         elif kind == "history":
             history |= {item.key or "/".join(item.nested_key) for item in record.history.item}
-    return {"kinds": kinds, "config": config, "history": history}
+        elif kind == "metric":
+            summary = record.metric.summary
+            summaries[record.metric.name] = {field.name for field, value in summary.ListFields() if value}
+        elif kind == "artifact":
+            artifacts.append(json.loads(record.artifact.metadata or "{}"))
+    return {
+        "kinds": kinds,
+        "config": config,
+        "history": history,
+        "summaries": summaries,
+        "artifacts": artifacts,
+    }

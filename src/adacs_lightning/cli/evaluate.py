@@ -20,8 +20,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ..errors import AdaCSError
-from ..evaluation.fair import fair_comparison, selection_summary
-from ..evaluation.report import evaluate
 
 log = logging.getLogger("adacs_lightning")
 
@@ -58,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="which checkpoint of a run folder: the one the run selected (final_checkpoint), the best or the last",
     )
     parser.add_argument(
+        "--reference",
+        default=None,
+        metavar="LABEL",
+        help="the run label every other is tested against (e.g. 'adacs method.alpha=0.02'); default: baseline",
+    )
+    parser.add_argument(
         "--choose-lambda",
         action="store_true",
         help=(
@@ -92,6 +96,9 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
         raise AdaCSError(f"--data {args.data} and data={data} disagree: give one.")
     if args.max_cases is not None and args.max_cases < 1:
         raise AdaCSError("--max-cases must be at least 1.")
+    from ..evaluation.fair import fair_comparison, selection_summary
+    from ..evaluation.report import evaluate
+
     if args.choose_lambda:
         if data is not None or overrides or args.data is not None:
             raise AdaCSError("--choose-lambda evaluates each run on its own data: leave out data overrides.")
@@ -113,10 +120,12 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
         figures=max(args.figures, 0),
         skip_missing=args.skip_missing,
         checkpoint=args.checkpoint,
+        reference=args.reference,
     )
     print(report.files["summary_md"].read_text())
-    if "comparison_md" in report.files:
-        print(report.files["comparison_md"].read_text())
+    for key in ("comparison_md", "axes_md"):
+        if key in report.files:
+            print(report.files[key].read_text())
     print(f"Written to {report.files['cases'].parent}")
     return report.files
 
@@ -152,6 +161,8 @@ class CompareOnMultirunEnd(Callback):
         if not runs:
             log.warning("No run folders in %s: nothing to compare.", sweep_dir)
             return
+        from ..evaluation.report import evaluate
+
         try:
             report = evaluate(runs, output=sweep_dir, figures=self.figures, device=self.device, skip_missing=True)
         except AdaCSError as error:
@@ -159,6 +170,40 @@ class CompareOnMultirunEnd(Callback):
             return
         written = report.files.get("comparison_md", report.files["summary_md"])
         log.info("Comparison of %d runs: %s\n%s", len(runs), written, written.read_text())
+
+
+class SweepSummary(Callback):
+    """Hydra callback for every multirun: when the sweep ends, a table of its runs labelled by what differs.
+
+    Writes ``sweep_summary.md``/``.csv`` to the sweep folder: each run's differing overrides and final
+    validation metrics (no test-set evaluation), a table per sweep axis, and for a one-axis numeric
+    sweep ``sweep_parameter.png`` (validation Dice against the value).
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from ..evaluation.axes import axis_markdown, axis_tables, parameter_plot, sweep_rows
+        from ..evaluation.tables import markdown_table, write_csv
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        folders = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()) if sweep_dir.is_dir() else []
+        rows = sweep_rows(folders)
+        if not rows:
+            log.warning("Sweep summary: no finished run in %s.", sweep_dir)
+            return
+        metrics = [m for m in ("dice", "residual", "smoothness", "folding_pct") if any(m in r for r in rows)]
+        write_csv([{k: v for k, v in r.items() if k != "axes"} for r in rows], sweep_dir / "sweep_summary.csv")
+        header = ["run", "label", *(f"val {m}" for m in metrics)]
+        body = [[r["run"], r["label"], *(f"{r[m]:.4f}" if m in r else "–" for m in metrics)] for r in rows]
+        text = "# Sweep\n\nFinal validation metrics of each run (summary.json).\n\n" + markdown_table(header, body)
+        tables = axis_tables(rows, metrics)
+        if tables:
+            text += "\n" + axis_markdown(tables, {m: (f"val {m}", 1.0) for m in metrics})
+            if len(tables) == 1 and "dice" in metrics:
+                parameter_plot(
+                    next(iter(tables.values())), "dice", "validation Dice", sweep_dir / "sweep_parameter.png"
+                )
+        (sweep_dir / "sweep_summary.md").write_text(text)
+        log.info("Sweep summary of %d runs: %s", len(rows), sweep_dir / "sweep_summary.md")
 
 
 class FairComparisonOnMultirunEnd(Callback):
@@ -176,6 +221,8 @@ class FairComparisonOnMultirunEnd(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        from ..evaluation.fair import fair_comparison, selection_summary
+
         runs = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra" / "config.yaml").is_file())
         try:
             report = fair_comparison(runs, sweep_dir, device=self.device)

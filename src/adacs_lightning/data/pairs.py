@@ -9,6 +9,7 @@ Units are loaded and preprocessed once, by MONAI's ``CacheDataset``: later epoch
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -134,7 +135,7 @@ class CachedPairs(Dataset):
             cache_rate=1.0,
             num_workers=max(1, int(cache_workers)),
             copy_cache=False,
-            progress=False,
+            progress=sys.stderr.isatty(),  # MONAI's bar: reading and preprocessing every case once
         )
         self.bad: list[BadCase] = []
         broken = set()
@@ -183,7 +184,10 @@ class CachedPairs(Dataset):
             item["mask"] = take(mask).float()
         spacing = target_unit["spacing"]
         case_id = pair.case_id if slice_index is None else f"{pair.case_id}_slice{slice_index:02d}"
-        item["meta"] = {"case_id": case_id, "spacing": spacing[: item["target"].ndim - 1].clone()}
+        ndim = item["target"].ndim - 1
+        item["meta"] = {"case_id": case_id, "spacing": spacing[:ndim].clone()}
+        if "direction" in target_unit:  # (3, ndim) RAS unit vector of each array axis, for figures
+            item["meta"]["direction"] = target_unit["direction"][:, :ndim].clone()
         return item
 
     def shapes(self) -> dict[tuple[int, ...], str]:

@@ -139,8 +139,10 @@ class CheckShapesd(MapTransform):
 
 
 class RecordSpacingd(MapTransform):
-    """Store ``data["spacing"]``: the voxel spacing (mm) of ``key``, read from its affine, with its axes
-    reordered by ``axes`` when given (for arrays about to be transposed)."""
+    """Store ``data["spacing"]`` (mm per voxel) and ``data["direction"]`` (``(3, ndim)``: each array axis's
+    unit vector in RAS world coordinates) of ``key``, read from its affine, with the axes reordered by
+    ``axes`` when given (for arrays about to be transposed). Figures use the direction to show images as
+    3D Slicer does."""
 
     def __init__(self, key: str, axes: Sequence[int] | None = None) -> None:
         super().__init__([key])
@@ -148,9 +150,23 @@ class RecordSpacingd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         out = dict(data)
-        spacing = spacing_of(out[self.keys[0]])
+        spacing, direction = spacing_of(out[self.keys[0]]), direction_of(out[self.keys[0]])
         out["spacing"] = spacing if self.axes is None else spacing[self.axes]
+        out["direction"] = direction if self.axes is None else direction[:, self.axes]
         return out
+
+
+def direction_of(image: torch.Tensor) -> np.ndarray:
+    """Each spatial axis's unit vector in RAS world coordinates, ``(3, ndim)``; the identity without an affine."""
+    ndim = image.ndim - 1
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        return np.eye(3)[:, :ndim]
+    matrix = np.asarray(affine, dtype=np.float64)
+    columns = np.zeros((3, ndim))
+    rows = min(3, matrix.shape[0] - 1)
+    columns[:rows] = matrix[:rows, :ndim]
+    return columns / np.linalg.norm(columns, axis=0).clip(1e-12)
 
 
 class ResizeSpacingd(MapTransform):
@@ -370,4 +386,6 @@ class Finalised(MapTransform):
                 if key in out:
                     out[key] = out[key] * out[self.apply_mask]
         out["spacing"] = torch.as_tensor(np.asarray(data["spacing"], dtype=np.float32))
+        if "direction" in data:
+            out["direction"] = torch.as_tensor(np.asarray(data["direction"], dtype=np.float32))
         return out

@@ -31,6 +31,8 @@ def iterate_pairs(batches: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, An
             pair["case_id"] = str(case_ids[i]) if case_ids is not None else f"case_{index:04d}"
             spacing = meta.get("spacing")
             pair["spacing"] = None if spacing is None else torch.as_tensor(spacing[i], dtype=torch.float64)
+            if meta.get("direction") is not None:
+                pair["direction"] = torch.as_tensor(meta["direction"][i])
             index += 1
             yield pair
 

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from ..errors import AdaCSError
 from .report import Report, compare, evaluate_run, resolve_device, summarise, write_reports
-from .runs import Run, data_config, resolve_run
+from .runs import Run, data_config, differing_overrides, resolve_run
 from .stats import mean_std
 from .tables import format_mean_std, markdown_table, write_csv
 
@@ -81,23 +81,6 @@ def sweep_runs(folders: Sequence[Path]) -> list[SweepRun]:
     ):
         r.arm = " ".join([r.run.method, *extra])
     return runs
-
-
-def run_overrides(folder: Path | None) -> dict[str, str]:
-    """The command-line overrides Hydra recorded for a run (``.hydra/overrides.yaml``), as ``key → value``."""
-    path = None if folder is None else folder / ".hydra" / "overrides.yaml"
-    if path is None or not path.is_file():
-        return {}
-    pairs = (str(item).lstrip("+~").partition("=") for item in OmegaConf.load(path))
-    return {key: value for key, _, value in pairs}
-
-
-def differing_overrides(folders: Sequence[Path | None], ignore: Sequence[str] = ()) -> list[list[str]]:
-    """Per run, the ``key=value`` overrides that are not the same for every run (``ignore``d keys left out)."""
-    recorded = [run_overrides(f) for f in folders]
-    keys = sorted({k for r in recorded for k in r} - set(ignore))
-    varying = [k for k in keys if len({r.get(k) for r in recorded}) > 1]
-    return [[f"{k}={r[k]}" for k in varying if k in r] for r in recorded]
 
 
 def validation_table(runs: Sequence[SweepRun]) -> list[dict[str, Any]]:

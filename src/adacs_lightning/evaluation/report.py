@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,9 +13,11 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from tqdm.auto import tqdm
 
 from ..checkpoint import load_backbone
 from ..errors import AdaCSError, ConfigError
+from .axes import arm_label, arm_overrides, axis_markdown, axis_tables, parameter_plot
 from .cases import METRICS, CaseEvaluator, iterate_pairs
 from .runs import Run, data_config, data_key
 from .stats import mean_std, paired_test
@@ -93,7 +96,15 @@ def evaluate_run(
     }
     figure_model = _figure_model(run, evaluator.backbone) if figures > 0 else None
     rows = []
-    for index, pair in enumerate(islice(pairs, max_cases)):
+    total = min(len(loader.dataset), max_cases or len(loader.dataset))
+    bar = tqdm(
+        islice(pairs, max_cases),
+        total=total,
+        desc=f"Evaluating {run.label}",
+        unit="case",
+        disable=not sys.stderr.isatty(),
+    )
+    for index, pair in enumerate(bar):
         try:
             rows.append({**head, **evaluator.evaluate(pair)})
         except (ValueError, RuntimeError) as error:  # the network cannot take these images
@@ -144,8 +155,14 @@ def _figure_model(run: Run, backbone: torch.nn.Module):
 def _save_case_figure(model, pair: Mapping[str, Any], folder: Path, device: torch.device) -> None:
     from ..callbacks import registration_figure, save_png
 
-    batch = {k: v.to(device) for k, v in pair.items() if isinstance(v, torch.Tensor) and k != "spacing"}
-    image = registration_figure(model, batch, max_pairs=1, case_ids=[pair["case_id"]])
+    batch = {
+        k: v.to(device) for k, v in pair.items() if isinstance(v, torch.Tensor) and k not in ("spacing", "direction")
+    }
+    meta = {"case_id": [pair["case_id"]]}
+    for key in ("spacing", "direction"):
+        if pair.get(key) is not None:
+            meta[key] = pair[key][None]
+    image = registration_figure(model, {**batch, "meta": meta}, max_pairs=1)
     save_png(image, folder / f"{pair['case_id']}.png")
 
 
@@ -165,7 +182,9 @@ def summarise(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def compare(cases: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def compare(
+    cases: Sequence[Mapping[str, Any]], reference: str | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The paper's table (one row per backbone × method) and paired tests, over distinct cases.
 
     A case is a ``(data key, case id)``. Within each backbone × method, the rows of one case
@@ -203,17 +222,19 @@ def compare(cases: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], l
             row[f"{metric}_mean"], row[f"{metric}_std"], _ = mean_std([m[metric] for m in members.values()])
         table.append(row)
     tests = []
-    for reference, other in _comparisons(list(averaged)):
-        keys = [k for k in averaged[reference] if k in averaged[other]]
+    for reference_group, other in _comparisons(list(averaged), reference):
+        keys = [k for k in averaged[reference_group] if k in averaged[other]]
         for metric in COMPARED:
-            a = [averaged[reference][k][metric] for k in keys]
+            a = [averaged[reference_group][k][metric] for k in keys]
             b = [averaged[other][k][metric] for k in keys]
             result = paired_test(a, b)
             tests.append(
                 {
                     "backbone": other[0],
                     "method": other[1],
-                    "reference": f"{reference[0]}/{reference[1]}" if reference[0] != other[0] else reference[1],
+                    "reference": f"{reference_group[0]}/{reference_group[1]}"
+                    if reference_group[0] != other[0]
+                    else reference_group[1],
                     "metric": metric,
                     "better": METRICS[metric],
                     **vars(result),
@@ -227,15 +248,32 @@ def _seed_average(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return {metric: mean_std([r[metric] for r in rows])[0] for metric in TABLE_COLUMNS}
 
 
-def _comparisons(groups: list[tuple[str, str]]) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+def _comparisons(
+    groups: list[tuple[str, str]], reference: str | None = None
+) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """Which groups (backbone, method label) are tested against which.
+
+    With ``reference`` (a method label, or ``backbone/label``), every group against that one;
+    otherwise, within each backbone, every method against ``baseline`` (or the first method).
+    """
+    if reference is not None:
+        matches = [g for g in groups if reference in (g[1], f"{g[0]}/{g[1]}")]
+        if not matches:
+            labels = ", ".join(sorted({g[1] for g in groups}))
+            raise AdaCSError(f"--reference '{reference}' names none of the runs' labels: {labels}.")
+        return [
+            (next(m for m in matches if m[0] == g[0]) if any(m[0] == g[0] for m in matches) else matches[0], g)
+            for g in groups
+            if g not in matches
+        ]
     by_backbone: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for group in groups:
         by_backbone[group[0]].append(group)
     pairs = []
     for members in by_backbone.values():
         methods = [g[1] for g in members]
-        reference = members[methods.index("baseline")] if "baseline" in methods else members[0]
-        pairs += [(reference, g) for g in members if g != reference]
+        anchor = members[methods.index("baseline")] if "baseline" in methods else members[0]
+        pairs += [(anchor, g) for g in members if g != anchor]
     if not pairs and len(groups) > 1:
         pairs = [(groups[0], g) for g in groups[1:]]
     return pairs
@@ -311,6 +349,7 @@ def evaluate(
     figures: int = 2,
     skip_missing: bool = False,
     checkpoint: str = "selected",
+    reference: str | None = None,
 ) -> Report:
     """Evaluate runs (folders or checkpoints) and write the reports to ``output``.
 
@@ -321,6 +360,10 @@ def evaluate(
     ``evaluation/`` in the runs' common folder for several. ``skip_missing`` skips run folders
     without a checkpoint (a failed job of a sweep) instead of stopping. ``checkpoint`` picks a run
     folder's checkpoint: ``selected`` (the run's ``final_checkpoint``), ``best`` or ``last``.
+
+    Runs of a sweep are labelled by the overrides that differ between them (``adacs method.alpha=0.04``);
+    ``axes.md`` tabulates each varying key, and ``parameter.png`` plots Dice against it when one
+    numeric key varies. ``reference`` (a label) is the arm every other is tested against.
     """
     from .runs import resolve_run
 
@@ -338,6 +381,9 @@ def evaluate(
         raise AdaCSError("None of the runs has a checkpoint to evaluate.")
     output = Path(output) if output is not None else _default_output(resolved)
     target = resolve_device(device)
+    axes = arm_overrides([run.folder for run in resolved]) if len(resolved) > 1 else [{} for _ in resolved]
+    for run, extra in zip(resolved, axes):
+        run.method = arm_label(run.method, extra)
     cases = []
     if len({run.label for run in resolved}) < len(resolved):  # e.g. one config trained twice
         for run in resolved:
@@ -348,9 +394,29 @@ def evaluate(
         cases += evaluate_run(run, config, labels, target, split, max_cases, figures, figure_dir)
     report = Report(cases, summarise(cases))
     if len(resolved) > 1:
-        report.table, report.tests = compare(cases)
+        report.table, report.tests = compare(cases, reference)
     report.files.update(write_reports(report, output))
+    report.files.update(_write_axes(cases, {run.label: extra for run, extra in zip(resolved, axes)}, output))
     return report
+
+
+def _write_axes(
+    cases: Sequence[Mapping[str, Any]], axes: Mapping[str, Mapping[str, str]], output: Path
+) -> dict[str, Path]:
+    """``axes.md`` (a table per varying key, over cases) and, for one numeric key, ``parameter.png`` (Dice)."""
+    rows = [{**case, "axes": axes.get(case["run"], {})} for case in cases]
+    metrics = {m: TABLE_COLUMNS[m] for m in ("dice", "hd95", "asd", "folding_pct")}
+    tables = axis_tables(rows, list(metrics))
+    if not tables:
+        return {}
+    files = {"axes_md": output / "axes.md"}
+    files["axes_md"].write_text(axis_markdown(tables, metrics))
+    if len(tables) == 1:
+        (table,) = tables.values()
+        plot = parameter_plot(table, "dice", "test Dice (%)", output / "parameter.png", scale=100.0)
+        if plot is not None:
+            files["parameter_plot"] = plot
+    return files
 
 
 def write_reports(report: Report, output: Path) -> dict[str, Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -233,3 +234,20 @@ def _reads_files(config: dict[str, Any]) -> bool:
     except Exception:  # not importable here: keep every setting in the key
         return False
     return isinstance(target, type) and issubclass(target, FileDataModule)
+
+
+def run_overrides(folder: Path | None) -> dict[str, str]:
+    """The command-line overrides Hydra recorded for a run (``.hydra/overrides.yaml``), as ``key → value``."""
+    path = None if folder is None else folder / ".hydra" / "overrides.yaml"
+    if path is None or not path.is_file():
+        return {}
+    pairs = (str(item).lstrip("+~").partition("=") for item in OmegaConf.load(path))
+    return {key: value for key, _, value in pairs}
+
+
+def differing_overrides(folders: Sequence[Path | None], ignore: Sequence[str] = ()) -> list[list[str]]:
+    """Per run, the ``key=value`` overrides that are not the same for every run (``ignore``d keys left out)."""
+    recorded = [run_overrides(f) for f in folders]
+    keys = sorted(k for k in {k for r in recorded for k in r} - set(ignore) if not k.startswith("hydra."))
+    varying = [k for k in keys if len({r.get(k) for r in recorded}) > 1]
+    return [[f"{k}={r[k]}" for k in varying if k in r] for r in recorded]

@@ -80,8 +80,9 @@ class AdaCS(RegistrationModule):
             the one from before the backbone's update (one backward pass serves both networks);
             ``"recompute"`` re-runs the backbone after its update, as the reference code does.
         data_weighting: how the score weights the backbone's data term: ``"mean"`` (the paper,
-            ``mean(Ŝ·r)``), ``"normalised"`` (``Σ Ŝ·r / Σ Ŝ``, the baseline's balance against ``λ``)
-            or ``"scalar"`` (a control: ``mean(r)·mean(Ŝ)``, no spatial information).
+            ``mean(Ŝ·r)``), ``"normalised"`` (``Σ Ŝ·r / Σ Ŝ``: the baseline's balance against ``λ``;
+            ``adacs-train``'s default, chosen on validation pairs) or ``"scalar"`` (a control:
+            ``mean(r)·mean(Ŝ)``, no spatial information).
         momentum_mode: ``"paper"`` or ``"reference"`` (see :class:`~adacs_lightning.momentum.MomentumWeight`).
         reference_leak: reproduce the reference code's gradient leak: the scorer's loss re-runs the
             backbone with gradients and does not detach it, and those backbone gradients are kept

@@ -134,6 +134,7 @@ class RegistrationModule(L.LightningModule):
         self._eval_labels: list[int] | None = None
         self.val_residual = MeanMetric()
         self.val_smoothness = MeanMetric()
+        self.val_displacement = MeanMetric()
         self.val_folding = MeanMetric()
         self.val_dice = MeanMetric(nan_strategy="ignore")
         self.val_dice_identity = MeanMetric(nan_strategy="ignore")
@@ -373,8 +374,10 @@ class RegistrationModule(L.LightningModule):
 
         self.val_residual.update(per_pair(residual))
         self.val_smoothness.update(per_pair(ddf, gradient_energy))
+        self.val_displacement.update(per_pair(ddf.norm(dim=1, keepdim=True)))
         self.val_folding.update(folding_percentage(ddf, mask))
         log = {"val/residual": self.val_residual, "val/smoothness": self.val_smoothness}
+        log["val/displacement"] = self.val_displacement
         log["val/folding_pct"] = self.val_folding
 
         labels = None
