@@ -26,6 +26,28 @@ def _check_dims(spatial_dims: int) -> None:
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
 
 
+def map_unet(
+    spatial_dims: int,
+    in_channels: int,
+    channels: Sequence[int] = (16, 32, 32, 32),
+    strides: Sequence[int] | None = None,
+    num_res_units: int = 0,
+) -> UNet:
+    """A MONAI ``UNet`` from an image ``(B, in_channels, *spatial)`` to one map ``(B, 1, *spatial)`` (no activation).
+
+    ``strides`` default to 2 between consecutive levels; sizes must divide by their product.
+    """
+    _check_dims(spatial_dims)
+    return UNet(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=1,
+        channels=tuple(channels),
+        strides=tuple(strides) if strides is not None else (2,) * (len(channels) - 1),
+        num_res_units=num_res_units,
+    )
+
+
 class ScoringNetwork(nn.Module):
     """A MONAI U-Net with one output channel and a sigmoid head.
 
@@ -49,17 +71,8 @@ class ScoringNetwork(nn.Module):
         num_res_units: int = 0,
     ) -> None:
         super().__init__()
-        _check_dims(spatial_dims)
-        strides = tuple(strides) if strides is not None else (2,) * (len(channels) - 1)
         self.spatial_dims = spatial_dims
-        self.unet = UNet(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=1,
-            channels=tuple(channels),
-            strides=strides,
-            num_res_units=num_res_units,
-        )
+        self.unet = map_unet(spatial_dims, in_channels, channels, strides, num_res_units)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.unet(image))
@@ -149,4 +162,4 @@ class VoxelMorphScorer(nn.Module):
         return torch.sigmoid(self.head(self.unet(image)))
 
 
-__all__ = ["ScoringNetwork", "VoxelMorphScorer", "voxelmorph_unet"]
+__all__ = ["ScoringNetwork", "VoxelMorphScorer", "map_unet", "voxelmorph_unet"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..choices import EXPORT_FORMATS
 from ..errors import AdaCSError
+from .models import run_setting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +89,7 @@ def run(argv: list[str] | None = None) -> Path:
 def _size(args: argparse.Namespace, ndim: int) -> tuple[int, ...]:
     size = args.size
     if size is None:
-        size = _run_image_size(args.model)
+        size = run_setting(args.model, "data.image_size")
     if size is None:
         raise AdaCSError(
             "Give the input size with --size (e.g. --size 128 128): the model has no run folder to read it."
@@ -98,17 +99,6 @@ def _size(args: argparse.Namespace, ndim: int) -> tuple[int, ...]:
     if len(size) != ndim or min(size) < 1:
         raise AdaCSError(f"--size needs {ndim} positive sizes (or one for all), got {args.size}.")
     return tuple(size)
-
-
-def _run_image_size(model: Path):
-    from omegaconf import OmegaConf
-
-    candidates = [model] if model.is_dir() else [model.parent, model.parent.parent]
-    folder = next((p for p in candidates if (p / ".hydra" / "config.yaml").is_file()), None)
-    if folder is None:
-        return None
-    value = OmegaConf.select(OmegaConf.load(folder / ".hydra" / "config.yaml"), "data.image_size", default=None)
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..choices import INTENSITY_MODES
 from ..errors import AdaCSError
+from .models import run_setting
 
 GRID_CHOICES = ("refuse", "resample")
 
@@ -352,17 +353,12 @@ def training_intensity(model: Path) -> str | None:
     itself, or the folder a checkpoint lies in), else the data module's default; None without a run folder
     or when its data module has no such setting (e.g. synthetic data, generated in [0, 1])."""
     from hydra.utils import get_class
-    from omegaconf import OmegaConf
 
-    candidates = [model] if model.is_dir() else [model.parent, model.parent.parent]
-    folder = next((p for p in candidates if (p / ".hydra" / "config.yaml").is_file()), None)
-    if folder is None:
-        return None
-    data = OmegaConf.select(OmegaConf.load(folder / ".hydra" / "config.yaml"), "data")
+    data = run_setting(model, "data")
     if data is None:
         return None
     if "intensity" in data:
-        value = OmegaConf.select(data, "intensity", throw_on_resolution_failure=False)
+        value = data["intensity"]
     else:
         try:  # the setting left out of the config: the data module's default
             default = inspect.signature(get_class(str(data.get("_target_")))).parameters.get("intensity")

@@ -14,6 +14,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from ..cli.models import run_folder
 from ..data.pairs import SPLITS
 from ..errors import AdaCSError, ConfigError
 
@@ -95,9 +96,7 @@ def resolve_run(path: str | Path, checkpoint: str = "selected") -> Run:
     if path.is_dir():
         folder, checkpoint_file = path, None
     elif path.is_file():
-        # checkpoints/x.ckpt and backbone.pt sit one or two levels below their run folder.
-        folder = next((p for p in (path.parent, path.parent.parent) if (p / ".hydra" / "config.yaml").is_file()), None)
-        checkpoint_file = path
+        folder, checkpoint_file = run_folder(path), path
     else:
         raise AdaCSError(f"No checkpoint or run folder at '{path}': give a run folder or a .ckpt / backbone.pt file.")
     config = choices = None

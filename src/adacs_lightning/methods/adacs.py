@@ -7,7 +7,7 @@ updates, and one place that logs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,7 +20,6 @@ from ..losses import DATA_WEIGHTINGS, masked_mean, scoring_loss
 from ..momentum import MOMENTUM_MODES, MomentumWeight
 from ..schedule import Phase, phase_at
 from ..scoring import ScoringNetwork
-from ..similarity import Similarity
 from .base import Direction, RegistrationModule, mean_of, split_batch, step
 
 Tensor = torch.Tensor
@@ -67,15 +66,10 @@ class AdaCS(RegistrationModule):
         scoring: False trains the plain backbone (no scorer).
         alpha: weight ``α`` of ``L_reg``.
         beta: weight ``β`` of ``L_smooth``.
-        lam: weight ``λ`` of the backbone's smoothness penalty.
         gamma: momentum ``γ`` of ``m_T``.
         kappa: residual scale ``κ`` of ``b_T``; None takes the similarity's (50 for squared error),
             ``"auto"`` sets ``κ = 1/μ_1`` at the scorer's first update.
-        warmup_epochs: ``N_w``.
-        lr: Adam learning rate of the backbone; ``scorer_lr`` that of the scorer (``lr`` when None).
-        accumulate_grad_batches: micro-batches per optimiser step, for both networks.
-        bidirectional: also register target → source; that direction is scored by ``g_φ(source)``
-            and the two directions are averaged.
+        scorer_lr: Adam learning rate of the scorer (the backbone's ``lr`` when None).
         score_residual: the displacement the scorer's residual uses in the joint phase: ``"reuse"``
             the one from before the backbone's update (one backward pass serves both networks);
             ``"recompute"`` re-runs the backbone after its update, as the reference code does.
@@ -87,8 +81,11 @@ class AdaCS(RegistrationModule):
         reference_leak: reproduce the reference code's gradient leak: the scorer's loss re-runs the
             backbone with gradients and does not detach it, and those backbone gradients are kept
             until the backbone's next step (through warm-up B they pile up). Off by default.
-        similarity, smoothness_on, label_weight, spatial_dims, in_channels, eval_labels,
-            channels_last, compile: see :class:`~adacs_lightning.methods.RegistrationModule`.
+        settings: the base module's (:class:`~adacs_lightning.methods.RegistrationModule`): ``lam``,
+            ``lr``, ``warmup_epochs`` (``N_w``, 20 here), ``accumulate_grad_batches`` (both networks),
+            ``bidirectional`` (the backward direction is scored by ``g_φ(source)``), ``similarity``,
+            ``smoothness_on``, ``label_weight``, ``spatial_dims``, ``in_channels``, ``eval_labels``,
+            ``channels_last``, ``compile``.
     """
 
     def __init__(
@@ -99,44 +96,17 @@ class AdaCS(RegistrationModule):
         scoring: bool = True,
         alpha: float = 0.02,
         beta: float = 1.5,
-        lam: float = 0.01,
         gamma: float = 0.99,
         kappa: float | str | None = None,
-        warmup_epochs: int = 20,
-        lr: float = 1e-4,
         scorer_lr: float | None = None,
-        accumulate_grad_batches: int = 1,
-        bidirectional: bool = False,
         score_residual: Literal["recompute", "reuse"] = "reuse",
         data_weighting: str = "mean",
         momentum_mode: str = "paper",
         reference_leak: bool = False,
-        similarity: Similarity | None = None,
-        smoothness_on: str = "displacement",
-        label_weight: float = 0.0,
-        spatial_dims: int | None = None,
-        in_channels: int | None = None,
-        eval_labels: Sequence[int] | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
+        **settings: Any,
     ) -> None:
         _check_settings(alpha, beta, scorer_lr, score_residual, data_weighting, momentum_mode)
-        super().__init__(
-            backbone,
-            similarity=similarity,
-            lam=lam,
-            smoothness_on=smoothness_on,
-            label_weight=label_weight,
-            warmup_epochs=warmup_epochs,
-            lr=lr,
-            accumulate_grad_batches=accumulate_grad_batches,
-            bidirectional=bidirectional,
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            eval_labels=eval_labels,
-            channels_last=channels_last,
-            compile=compile,
-        )
+        super().__init__(backbone, **{"warmup_epochs": 20, **settings})
         self.scorer: nn.Module | None = None
         if scoring:
             self.scorer = (

@@ -14,13 +14,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.networks.nets import UNet
 from torch import nn
 
 from ..errors import ConfigError
 from ..losses import beta_nll, masked_mean
 from ..schedule import Phase
-from ..similarity import Similarity
+from ..scoring import map_unet
 from .base import RegistrationModule, mean_of
 
 Tensor = torch.Tensor
@@ -44,18 +43,9 @@ class LogVarianceNetwork(nn.Module):
         min_variance: float = 1e-6,
     ) -> None:
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if min_variance <= 0:
             raise ConfigError("min_variance", f"must be positive, got {min_variance}.", "Use e.g. 1e-6.")
-        self.unet = UNet(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=1,
-            channels=tuple(channels),
-            strides=tuple(strides) if strides is not None else (2,) * (len(channels) - 1),
-            num_res_units=num_res_units,
-        )
+        self.unet = map_unet(spatial_dims, in_channels, channels, strides, num_res_units)
         self.log_floor = math.log(min_variance)
 
     def forward(self, image: Tensor) -> Tensor:
@@ -86,41 +76,14 @@ class VarianceWeighted(RegistrationModule):
         variance_net: nn.Module | None = None,
         *,
         beta_nll: float = 0.0,
-        lam: float = 0.01,
-        lr: float = 1e-4,
         variance_lr: float | None = None,
-        warmup_epochs: int = 0,
-        accumulate_grad_batches: int = 1,
-        bidirectional: bool = False,
-        similarity: Similarity | None = None,
-        smoothness_on: str = "displacement",
-        label_weight: float = 0.0,
-        spatial_dims: int | None = None,
-        in_channels: int | None = None,
-        eval_labels: Sequence[int] | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
+        **settings: Any,
     ) -> None:
         if beta_nll < 0:
             raise ConfigError("beta_nll", f"must be non-negative, got {beta_nll}.", "Seitzer et al. use 0.5.")
         if variance_lr is not None and variance_lr <= 0:
             raise ConfigError("variance_lr", f"must be positive, got {variance_lr}.", "Use null to share lr.")
-        super().__init__(
-            backbone,
-            similarity=similarity,
-            lam=lam,
-            smoothness_on=smoothness_on,
-            label_weight=label_weight,
-            warmup_epochs=warmup_epochs,
-            lr=lr,
-            accumulate_grad_batches=accumulate_grad_batches,
-            bidirectional=bidirectional,
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            eval_labels=eval_labels,
-            channels_last=channels_last,
-            compile=compile,
-        )
+        super().__init__(backbone, **settings)
         self.variance = (
             variance_net
             if variance_net is not None
