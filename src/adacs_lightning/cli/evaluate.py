@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ..errors import AdaCSError
+from .common import console_main
 
 log = logging.getLogger("adacs_lightning")
 
@@ -133,11 +133,7 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> None:
     """Console script ``adacs-eval``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except AdaCSError as error:
-        print(f"adacs-eval: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    console_main("adacs-eval", run, argv)
 
 
 class CompareOnMultirunEnd(Callback):

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ..choices import EXPORT_FORMATS
 from ..errors import AdaCSError
-from .models import run_setting
+from .common import console_main, run_setting
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,11 +102,7 @@ def _size(args: argparse.Namespace, ndim: int) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console script ``adacs-export``."""
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except AdaCSError as error:
-        print(f"adacs-export: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    console_main("adacs-export", run, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..choices import INTENSITY_MODES
 from ..errors import AdaCSError
-from .models import run_setting
+from .common import console_main, run_setting
 
 GRID_CHOICES = ("refuse", "resample")
 
@@ -371,11 +371,7 @@ def training_intensity(model: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console script ``adacs-register``."""
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except AdaCSError as error:
-        print(f"adacs-register: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    console_main("adacs-register", run, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from ..cli.models import run_folder
+from ..cli.common import run_folder
 from ..data.pairs import SPLITS
 from ..errors import AdaCSError, ConfigError
 

@@ -1,9 +1,22 @@
-"""Where a trained model's run folder is, and what its config says: read without importing PyTorch."""
+"""What the command-line tools share: the console entry, a model's run folder and its settings (no PyTorch)."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ..errors import AdaCSError
+
+
+def console_main(prog: str, run: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """Run ``run(argv)`` as the console script ``prog``: a user error is one line on stderr and exit status 2."""
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except AdaCSError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run_folder(model: Path) -> Path | None:
