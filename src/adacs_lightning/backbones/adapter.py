@@ -205,22 +205,22 @@ class Backbone(nn.Module):
     def forward_train(
         self, moving: Tensor, fixed: Tensor, bidirectional: bool = False
     ) -> tuple[RegistrationOutput, RegistrationOutput | None]:
-        """The forward (moving → fixed) output and, if ``bidirectional``, the backward one.
+        """The output that warps ``moving`` onto ``fixed`` and, if ``bidirectional``, the one the other way.
 
-        The backward displacement warps ``fixed`` onto ``moving``: for a velocity network it
+        The second displacement warps ``fixed`` onto ``moving``: for a velocity network it
         integrates the negated velocity (VoxelMorph's bidirectional mode, one network call);
         otherwise it is a second call with the images swapped.
         """
         self._check_pair(moving, fixed)
         field, extra = self._call(moving, fixed)
-        forward = self._output(field, extra)
+        to_fixed = self._output(field, extra)
         if not bidirectional:
-            return forward, None
-        if forward.velocity is not None:
+            return to_fixed, None
+        if to_fixed.velocity is not None:
             size = tuple(field.shape[2:])
-            return forward, RegistrationOutput(self._integrated(-forward.velocity, size), None, -forward.velocity)
-        back_field, back_extra = self._call(fixed, moving)
-        return forward, self._output(back_field, back_extra)
+            return to_fixed, RegistrationOutput(self._integrated(-to_fixed.velocity, size), None, -to_fixed.velocity)
+        reverse_field, reverse_extra = self._call(fixed, moving)
+        return to_fixed, self._output(reverse_field, reverse_extra)
 
     def _check_pair(self, moving: Tensor, fixed: Tensor) -> None:
         if moving.shape != fixed.shape:

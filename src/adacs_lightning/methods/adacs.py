@@ -83,7 +83,7 @@ class AdaCS(RegistrationModule):
             until the backbone's next step (through warm-up B they pile up). Off by default.
         settings: the base module's (:class:`~adacs_lightning.methods.RegistrationModule`): ``lam``,
             ``lr``, ``warmup_epochs`` (``N_w``, 20 here), ``accumulate_grad_batches`` (both networks),
-            ``bidirectional`` (the backward direction is scored by ``g_φ(source)``), ``similarity``,
+            ``bidirectional`` (the target → source direction is scored by ``g_φ(source)``), ``similarity``,
             ``smoothness_on``, ``label_weight``, ``spatial_dims``, ``in_channels``, ``eval_labels``,
             ``channels_last``, ``compile``.
     """

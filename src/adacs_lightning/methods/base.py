@@ -228,31 +228,32 @@ class RegistrationModule(L.LightningModule):
         return source, target, mask
 
     def _register(self, batch: Mapping[str, Any], frozen: bool = False) -> list[Direction]:
-        """The micro-batch's directions (forward, and backward when bidirectional), with their residual maps.
+        """The micro-batch's directions (source → target, and target → source when bidirectional), with their maps.
 
         ``frozen`` runs the backbone in eval mode without gradients (a backbone that is not trained now).
         """
         source, target, mask = self._images(batch)
         bidirectional = self.hparams.bidirectional
         if frozen:
-            forward, backward = self._frozen_backbone(source, target, bidirectional)
+            to_target, to_source = self._frozen_backbone(source, target, bidirectional)
         else:
-            forward, backward = self.backbone.forward_train(source, target, bidirectional)
+            to_target, to_source = self.backbone.forward_train(source, target, bidirectional)
         labels = (batch.get("source_label"), batch.get("target_label")) if self.label_loss is not None else (None,) * 2
-        return self._directions(source, target, forward, backward, mask, labels)
+        return self._directions(source, target, to_target, to_source, mask, labels)
 
     def _directions(
         self,
         source: Tensor,
         target: Tensor,
-        forward: RegistrationOutput,
-        backward: RegistrationOutput | None,
+        to_target: RegistrationOutput,
+        to_source: RegistrationOutput | None,
         mask: Tensor | None = None,
         labels: tuple[Tensor | None, Tensor | None] = (None, None),
     ) -> list[Direction]:
-        pairs = [(source, target, forward, *labels)]
-        if backward is not None:
-            pairs.append((target, source, backward, labels[1], labels[0]))
+        """``to_target`` warps the source onto the target; ``to_source`` (bidirectional) the target onto the source."""
+        pairs = [(source, target, to_target, *labels)]
+        if to_source is not None:
+            pairs.append((target, source, to_source, labels[1], labels[0]))
         return [
             Direction(moving, fixed, out, self.similarity(self.warp(moving, out.ddf), fixed, mask), ml, fl)
             for moving, fixed, out, ml, fl in pairs
