@@ -37,7 +37,7 @@ class KnownField(nn.Module):
         self.register_buffer("field", field)
 
     def forward(self, moving, fixed):
-        return self.field.expand(moving.shape[0], *self.field.shape[1:])
+        return self.field.expand(moving.shape[0], *self.field.shape[1:]).clone()
 
 
 def known_field(shape: tuple[int, ...]) -> torch.Tensor:
@@ -249,3 +249,25 @@ def test_onnx_without_its_package_is_explained(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_cli.main([str(checkpoint), "-o", str(tmp_path / "net.onnx"), "--format", "onnx", "--size", "32", "32"])
     assert "pip install onnx" in capsys.readouterr().err
+
+
+def test_sliding_window_inference_stitches_the_same_field(tmp_path, patch_backbone):
+    """Windows of a translation-invariant field give back the whole field (MONAI's sliding-window inference)."""
+    shape = (48, 40)
+    for name in ("source", "target"):
+        nib.save(nib.Nifti1Image(blob(shape), AFFINE_2D), str(tmp_path / f"{name}.nii.gz"))
+    patch_backbone(torch.full((1, 2, 16, 16), 0.75))  # the same displacement in every window
+    args = [
+        "--model",
+        "m.ckpt",
+        "--source",
+        str(tmp_path / "source.nii.gz"),
+        "--target",
+        str(tmp_path / "target.nii.gz"),
+    ]
+    files = register_cli.run([*args, "--out", str(tmp_path / "windows"), "--roi-size", "16", "--divisible", "1"])
+    from adacs_lightning.fields import read_voxel_displacement
+
+    field = read_voxel_displacement(files["displacement_voxels"])
+    assert field.shape == (2, *shape)
+    np.testing.assert_allclose(field, 0.75, atol=1e-5)
