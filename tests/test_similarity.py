@@ -11,6 +11,7 @@ from monai.networks.utils import one_hot
 
 from adacs_lightning import AdaCS, LocalNCC, MutualInformation, SquaredError
 from adacs_lightning.losses import masked_mean
+from adacs_lightning.methods import ClosedFormRobust
 
 from .helpers.training import tiny_backbone
 
@@ -173,3 +174,27 @@ def test_label_supervision_trains_from_the_cli(tmp_path):
     with (run / "csv" / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert any(r.get("train/label_dice_loss_step") for r in rows)
+
+
+@pytest.mark.parametrize("similarity", [SquaredError(), LocalNCC(2, window=5), MutualInformation()], ids=SIMILARITIES)
+def test_scorer_sees_residuals_on_squared_errors_scale(similarity):
+    """``L_ucs`` weights ``r·κ/50``, so the paper's α keeps scores mid-range for every map."""
+    model = AdaCS(tiny_backbone(), similarity=similarity, warmup_epochs=0)
+    batch = {
+        "source": smooth_image((32, 32), 0).repeat(2, 1, 1, 1),
+        "target": smooth_image((32, 32), 1).repeat(2, 1, 1, 1),
+    }
+    terms = model._micro_batch(batch)
+    residual = terms.directions[0].residual.detach()
+    _, logs = model._scoring_loss(terms, torch.tensor(0.0), [residual])
+    scaled = residual * similarity.kappa / 50.0
+    torch.testing.assert_close(logs["train/ucs"], masked_mean(terms.score * scaled))
+    if isinstance(similarity, SquaredError):
+        assert torch.equal(similarity.on_scorer_scale(residual), residual)
+
+
+def test_closed_form_weights_of_a_typical_lncc_residual_stay_mid_range():
+    """Unscaled, an LNCC residual of 0.25 (half a poor pair's) would get weight 0 under α = 0.02."""
+    model = ClosedFormRobust(tiny_backbone(), similarity=LocalNCC(2, window=5))
+    weight = model.weight_map(None, torch.full((1, 1, 4, 4), 0.25))
+    torch.testing.assert_close(weight, torch.full_like(weight, 0.75))

@@ -13,7 +13,8 @@ which similarity produced it. docs/method.md (section *Similarity*) derives each
   maximising MONAI's ``GlobalMutualInformationLoss``'s mutual information.
 
 ``kappa`` is each map's residual scale for the momentum weight ``b_T = cos(π/2·min(κ·μ_T, 1))``:
-``κ·μ_T`` reaches 1 (so ``b_T = 0``) at a residual typical of a poorly registered pair.
+``κ·μ_T`` reaches 1 (so ``b_T = 0``) at a residual typical of a poorly registered pair. The
+same scale puts every map on squared error's footing for the scorer (:meth:`Similarity.on_scorer_scale`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from torch import nn
 from .losses import squared_residual
 
 Tensor = torch.Tensor
+
+#: ``κ`` of squared error: the residual scale at which the paper set ``α`` and ``β`` of ``L_se``.
+SQUARED_ERROR_KAPPA = 50.0
 
 
 def _check_pair(warped: Tensor, fixed: Tensor) -> None:
@@ -40,12 +44,23 @@ class Similarity(nn.Module):
     """
 
     #: Residual scale ``κ`` of the momentum weight for this map (see the module docstring).
-    kappa: float = 50.0
+    kappa: float = SQUARED_ERROR_KAPPA
     #: Unit of ``r`` for logs and docs.
     unit: str = ""
 
     def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
         raise NotImplementedError
+
+    def on_scorer_scale(self, residual: Tensor) -> Tensor:
+        """``r·κ/50``: the residual on squared error's scale, the one the scorer's loss is set at.
+
+        The score that minimises ``Ŝ·r + α·(1 − Ŝ)²`` at a voxel is ``1 − r/(2α)``: with the paper's
+        ``α = 0.02`` it sits mid-range for squared-error residuals (~0.02), but a map whose residuals
+        are 25 times larger (LNCC's ~0.5) would score 0 almost everywhere. Rescaling by ``κ``
+        (the inverse of a poor pair's residual) keeps ``α`` and ``β`` meaningful for every map.
+        Identity for squared error.
+        """
+        return residual * (self.kappa / SQUARED_ERROR_KAPPA)
 
 
 class SquaredError(Similarity):
@@ -54,7 +69,7 @@ class SquaredError(Similarity):
     ``κ = 50``: the reference code's scale, ``b_T = 0`` from a mean squared residual of 0.02.
     """
 
-    kappa = 50.0
+    kappa = SQUARED_ERROR_KAPPA
     unit = "intensity²"
 
     def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -290,8 +290,9 @@ class AdaCS(RegistrationModule):
         return m, {"train/mu": torch.stack(mus).mean(), "train/m": m}
 
     def _scoring_loss(self, terms: MicroBatch, m: Tensor, residuals: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """``L_se`` of one micro-batch, averaged over directions, and its terms to log."""
+        """``L_se`` of one micro-batch (residuals on squared error's scale), averaged over directions, and its logs."""
         scores = split_batch(terms.score, len(residuals))
+        residuals = [self.similarity.on_scorer_scale(r) for r in residuals]
         leak = self.hparams.reference_leak
         losses = [
             scoring_loss(s, r, self.hparams.alpha, self.hparams.beta, m, terms.mask, detach_residual=not leak)

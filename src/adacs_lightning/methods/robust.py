@@ -26,7 +26,8 @@ class ClosedFormRobust(RegistrationModule):
 
     Args:
         backbone: the registration network.
-        alpha: ``α`` of the score regulariser it stands in for: residuals above ``2α`` get weight 0.
+        alpha: ``α`` of the score regulariser it stands in for: residuals above ``2α`` (on squared
+            error's scale, see :meth:`~adacs_lightning.similarity.Similarity.on_scorer_scale`) get weight 0.
         data_weighting: ``mean`` or ``normalised`` (as :class:`~adacs_lightning.AdaCS`).
         Others: see :class:`~adacs_lightning.methods.RegistrationModule`.
     """
@@ -41,7 +42,7 @@ class ClosedFormRobust(RegistrationModule):
         super().__init__(backbone, **settings)
 
     def weight_map(self, fixed: Tensor, residual: Tensor) -> Tensor:
-        return closed_form_score(residual, self.hparams.alpha)
+        return closed_form_score(self.similarity.on_scorer_scale(residual), self.hparams.alpha)
 
     def configure_optimizers(self):
         return self.backbone_optimizer()
