@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,7 +156,7 @@ def test_every_subpackage_and_config_file_is_installed():
     """The explicit package list and package data of pyproject.toml cover the source tree and conf/."""
     import fnmatch
 
-    import tomllib
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
 
     root = Path(__file__).parents[1]
     project = tomllib.loads((root / "pyproject.toml").read_text())

@@ -111,10 +111,26 @@ def test_orientation_follows_the_recorded_direction():
 
 
 def test_the_figure_has_colour_bars_and_names_its_case_and_epoch(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from adacs_lightning.figures import FIGURE_COLUMNS, draw_registration
+
     batch = _batch()
-    batch["meta"]["direction"] = torch.tensor([[1.0, 0.0], [0.0, -1.0], [0.0, 0.0]]).expand(4, 3, 2)
+    direction = torch.tensor([[1.0, 0.0], [0.0, -1.0], [0.0, 0.0]])
+    pairs = panel_tensors(tiny_model().eval(), batch, 2)
+    fig = draw_registration(pairs, ["case_a", "case_b"], [torch.tensor([0.5, 0.5])] * 2, [direction] * 2, epoch=7)
+    panels, bars = fig.axes[:14], fig.axes[14:]
+    assert len(panels) == 2 * len(FIGURE_COLUMNS) and len(bars) == len(panels)  # a colour bar per panel
+    assert {bar.get_ylabel() for bar in bars} >= {"intensity", "|u| (mm)", "score (0 to 1)"}
+    assert [panels[0].get_ylabel(), panels[len(FIGURE_COLUMNS)].get_ylabel()] == ["case_a", "case_b"]
+    assert fig._suptitle.get_text().endswith("epoch 7")
+    texts = {t.get_text() for ax in panels for t in ax.texts} | {t.get_text() for t in fig.texts}
+    assert {"R", "L", "A", "P"} <= texts and any("Slicer" in t for t in texts)  # orientation marked
+    scale_bar = [a for a in panels[0].artists if hasattr(a, "txt_label") and "mm" in a.txt_label.get_text()]
+    assert scale_bar, "no scale bar in mm on the source panel"
+    plt.close(fig)
     image = registration_figure(tiny_model().eval(), batch, max_pairs=2, epoch=7)
-    assert image.shape[0] > 300 and image.std() > 0
+    assert image.ndim == 3 and image.shape[0] > 300 and image.std() > 0
 
 
 def test_momentum_figure_shades_the_phases():
@@ -122,9 +138,17 @@ def test_momentum_figure_shades_the_phases():
 
     spans = phase_spans([1, 2, 3, 4, 5], ["warm-up A", "warm-up A", "warm-up B", "joint", "joint"])
     assert spans == [("warm-up A", 1, 2), ("warm-up B", 3, 3), ("joint", 4, 5)]
-    from adacs_lightning.callbacks import momentum_figure
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Polygon, Rectangle
 
-    assert momentum_figure([1, 2, 3, 4, 5], [0.1] * 5, [0.5] * 5, spans).ndim == 3
+    from adacs_lightning.figures import draw_momentum
+
+    fig = draw_momentum([1, 2, 3, 4, 5], [0.1] * 5, [0.5] * 5, spans)
+    for ax in fig.axes:
+        shaded = [p for p in ax.patches if isinstance(p, (Polygon, Rectangle))]
+        assert len(shaded) == 3  # one span per phase, on both panels
+    assert [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == ["warm-up A", "warm-up B", "joint"]
+    plt.close(fig)
 
 
 def test_a_run_that_did_not_register_is_flagged():

@@ -176,6 +176,9 @@ def test_a_whole_folder_in_one_process_with_metrics_and_a_skipped_row(tmp_path):
     with csv_path.open() as handle:
         rows = list(csv.DictReader(handle))
     rows.append({**rows[0], "source": "images/missing.nii.gz"})
+    # a target label map on another grid than its image: found only when the metrics are computed
+    nib.save(nib.Nifti1Image(np.ones((12, 12), np.uint8), np.eye(4)), str(csv_path.parent / "small_gt.nii.gz"))
+    rows.append({**rows[1], "target_label": "small_gt.nii.gz"})
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -189,7 +192,8 @@ def test_a_whole_folder_in_one_process_with_metrics_and_a_skipped_row(tmp_path):
     assert all(0.0 <= float(m["dice"]) <= 1.0 and float(m["folding_pct"]) >= 0 for m in metrics)
     with reports["failed"].open() as handle:
         failed = list(csv.DictReader(handle))
-    assert [f["case"] for f in failed] == ["row0006"] and "missing" in failed[0]["problem"]
+    assert [f["case"] for f in failed] == ["row0006", "row0007"] and "missing" in failed[0]["problem"]
+    assert "on the target's grid" in failed[1]["problem"]
     assert (tmp_path / "out" / "row0002" / "warped.mha").is_file()  # each pair in its target's format
     assert (tmp_path / "out" / "row0001" / "displacement.nii.gz").is_file()
 
@@ -251,12 +255,20 @@ def test_onnx_without_its_package_is_explained(tmp_path, capsys):
     assert "pip install onnx" in capsys.readouterr().err
 
 
-def test_sliding_window_inference_stitches_the_same_field(tmp_path, patch_backbone):
-    """Windows of a translation-invariant field give back the whole field (MONAI's sliding-window inference)."""
+class PointwiseField(nn.Module):
+    """A 'network' whose displacement at a voxel depends on the two intensities there alone."""
+
+    def forward(self, moving, fixed):
+        return torch.cat([2.0 * moving - fixed, moving * fixed], dim=1)
+
+
+def test_sliding_window_inference_stitches_the_same_field(tmp_path, monkeypatch):
+    """A pointwise network's field is the same whether the images go in whole or in overlapping windows."""
     shape = (48, 40)
-    for name in ("source", "target"):
-        nib.save(nib.Nifti1Image(blob(shape), AFFINE_2D), str(tmp_path / f"{name}.nii.gz"))
-    patch_backbone(torch.full((1, 2, 16, 16), 0.75))  # the same displacement in every window
+    for name, seed in (("source", 0), ("target", 1)):
+        nib.save(nib.Nifti1Image(blob(shape, seed), AFFINE_2D), str(tmp_path / f"{name}.nii.gz"))
+    backbone = Backbone(PointwiseField(), inputs="pair", spatial_dims=2, in_channels=1).eval()
+    monkeypatch.setattr("adacs_lightning.checkpoint.load_backbone", lambda *a, **k: backbone)
     args = [
         "--model",
         "m.ckpt",
@@ -265,9 +277,11 @@ def test_sliding_window_inference_stitches_the_same_field(tmp_path, patch_backbo
         "--target",
         str(tmp_path / "target.nii.gz"),
     ]
-    files = register_cli.run([*args, "--out", str(tmp_path / "windows"), "--roi-size", "16", "--divisible", "1"])
     from adacs_lightning.fields import read_voxel_displacement
 
-    field = read_voxel_displacement(files["displacement_voxels"])
-    assert field.shape == (2, *shape)
-    np.testing.assert_allclose(field, 0.75, atol=1e-5)
+    windows = register_cli.run([*args, "--out", str(tmp_path / "windows"), "--roi-size", "16", "--divisible", "1"])
+    whole = register_cli.run([*args, "--out", str(tmp_path / "whole"), "--divisible", "1"])
+    field = read_voxel_displacement(windows["displacement_voxels"])
+    expected = read_voxel_displacement(whole["displacement_voxels"])
+    assert field.shape == (2, *shape) and np.ptp(expected) > 0.5  # a field that varies across the image
+    np.testing.assert_allclose(field, expected, atol=1e-5)

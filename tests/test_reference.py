@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
 from adacs_lightning import AdaCS, ClosedFormRobust, VoxelMorphScorer, voxelmorph
+from adacs_lightning.errors import ConfigError
 from adacs_lightning.losses import masked_mean
 from adacs_lightning.momentum import MomentumWeight
 from adacs_lightning.schedule import Phase
+from adacs_lightning.training import build
 
 from .helpers.configs import compose_config
 from .helpers.training import tiny_backbone, tiny_datamodule, tiny_trainer
@@ -96,17 +99,17 @@ def test_bidirectional_velocity_backbone_integrates_the_negated_half_resolution_
 
 
 def test_reference_momentum_by_hand():
-    """Running mean over the epoch, γ_e = min(γ, 1 − 1/(e+1)), b = cos(π/2·κμ) unclamped (it turns negative)."""
+    """The reference's update: running mean over the epoch, γ_e = min(γ, 1 − 1/(e+1)), b = cos(π·50·μ) unclamped."""
     momentum = MomentumWeight(gamma=0.99, kappa=50.0, mode="reference")
-    steps = [(0, 0.03), (0, 0.01), (1, 0.02), (1, 0.06)]
+    steps = [(0, 0.03), (0, 0.01), (1, 0.02), (1, 0.024)]
     m, sums = 0.0, {}
     for epoch, mu in steps:
         sums.setdefault(epoch, []).append(mu)
         running = sum(sums[epoch]) / len(sums[epoch])
         gamma = min(0.99, 1 - 1 / (epoch + 1))
-        m = gamma * m + (1 - gamma) * math.cos(0.5 * math.pi * 50 * running)
+        m = gamma * m + (1 - gamma) * math.cos(math.pi * 50 * running)  # train_vxm.py's, which writes π as 3.14
         assert momentum.update(torch.tensor(mu), epoch=epoch).item() == pytest.approx(m, rel=1e-5, abs=1e-6)
-    assert m < 0  # the reference's weight turned negative: κ·μ > 1
+    assert m < 0  # the reference's weight turned negative: κ·μ > 1/2
     assert set(momentum.state_dict()) >= {"epoch", "epoch_sum", "epoch_count"}
 
 
@@ -215,3 +218,30 @@ def test_closed_form_control_weights_by_the_pointwise_optimum():
     trainer = tiny_trainer(1, limit_val_batches=0)
     trainer.fit(model, tiny_datamodule())
     assert 0.0 < float(trainer.callback_metrics["train/score_mean"]) <= 1.0
+
+
+def test_reference_momentum_gets_the_references_mu_in_both_directions():
+    """train_vxm.py: μ_t = Σ_d (1/n_dir)·mean(w_d·D_d) with w_d = 0.5 when bidirectional, 1 otherwise."""
+
+    for bidirectional, expected_mu in ((True, 0.5 * 0.03), (False, 0.03)):
+        model = AdaCS(tiny_backbone(), momentum_mode="reference", bidirectional=bidirectional, kappa=50.0)
+        model._trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda t, reduce_op: t), current_epoch=0)
+        m, logs = model._update_momentum([torch.tensor(0.03)])  # D averaged over the directions
+        assert logs["train/mu"].item() == pytest.approx(expected_mu)
+        # epoch 0: γ_0 = 0, so m is the reference's b itself
+        assert m.item() == pytest.approx(math.cos(math.pi * 50 * expected_mu), abs=1e-6)
+
+
+@pytest.mark.parametrize("data", ["synthetic", "camus", "acdc", "oasis", "folder"])
+def test_experiment_reference_builds_every_data_set(tmp_path, data):
+    """The recipe's per-frame min–max scaling is a setting every data module accepts."""
+    root = [] if data in ("synthetic", "folder") else [f"data.root={tmp_path}"]
+    cfg = compose_config(["experiment=reference", f"data={data}", *root], tmp_path)
+    assert cfg.data.intensity == "minmax"
+    build(cfg, "data")
+
+
+def test_a_data_setting_error_names_the_key_once(tmp_path):
+    cfg = compose_config(["data=camus", f"data.root={tmp_path}", "data.image_size=2"], tmp_path)
+    with pytest.raises(ConfigError, match=r"Setting 'data\.image_size'"):
+        build(cfg, "data")

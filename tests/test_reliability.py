@@ -13,9 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from adacs_lightning.checkpoint import BACKBONE_CONFIG_KEY
 from adacs_lightning.data import DataError, FolderDataModule
+from adacs_lightning.errors import ConfigError
+from adacs_lightning.training import resume_checkpoint
 
+from .helpers.configs import compose_config
 from .helpers.fakes import make_folder, write_nifti
 from .helpers.training import BIN, adacs_train
 
@@ -277,3 +282,13 @@ def test_a_2d_model_on_3d_data_is_explained_by_adacs_eval(tmp_path, capsys):
     assert exit_.value.code == 2
     message = capsys.readouterr().err
     assert "2D" in message and "3D" in message and "Traceback" not in message, message
+
+
+def test_resuming_another_wrapped_monai_network_is_named(tmp_path):
+    """LocalNet and RegUNet share the adapter's ``_target_``: the wrapped network tells them apart."""
+    stored = OmegaConf.to_container(compose_config(["backbone=localnet"], tmp_path).backbone, resolve=True)
+    checkpoint = tmp_path / "localnet.ckpt"
+    torch.save({"state_dict": {}, BACKBONE_CONFIG_KEY: stored}, checkpoint)
+    assert resume_checkpoint(compose_config(["backbone=localnet", f"ckpt_path={checkpoint}"], tmp_path)) is not None
+    with pytest.raises(ConfigError, match="holds a 2D LocalNet backbone, but this run builds a 2D RegUNet one"):
+        resume_checkpoint(compose_config(["backbone=regunet", f"ckpt_path={checkpoint}"], tmp_path))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,15 @@ def test_sweep_files_are_wandb_sweeps_over_adacs_settings():
     assignments = list(parameter_sets(grid))
     assert len(assignments) == 9 and assignments[0] == {"method.alpha": 0.01, "method.beta": 0.5}
     assert command_line(grid, assignments[0])[-2:] == ["method.alpha=0.01", "method.beta=0.5"]
+
+
+def test_sweeps_module_prints_the_path_and_the_commands_as_documented():
+    """``python -m adacs_lightning.sweeps`` as docs/experiments.md runs it, in a fresh interpreter."""
+    run = functools.partial(subprocess.run, capture_output=True, text=True, check=True, timeout=120)
+    path = run([sys.executable, "-m", "adacs_lightning.sweeps", "--path", "bayes"]).stdout.strip()
+    assert path.endswith("bayes.yaml") and Path(path).is_file()
+    commands = run([sys.executable, "-m", "adacs_lightning.sweeps", "grid_alpha_beta"]).stdout.splitlines()
+    assert len(commands) == 9 and commands[0].endswith("method.alpha=0.01 method.beta=0.5")
 
 
 def test_sweep_files_satisfy_wandbs_schema():

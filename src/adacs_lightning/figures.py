@@ -96,7 +96,28 @@ def registration_figure(
     directions: list[Tensor | None] | None = None,
     epoch: int | None = None,
 ) -> np.ndarray:
-    """The paper's Figure 4 layout as an RGB image ``(H, W, 3)`` uint8, one row per pair, with colour bars.
+    """:func:`draw_registration` as an RGB image ``(H, W, 3)`` uint8."""
+    return rasterise(draw_registration(pairs, case_ids, spacings, directions, epoch))
+
+
+def rasterise(fig) -> np.ndarray:
+    """A matplotlib figure as an RGB image ``(H, W, 3)`` uint8; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def draw_registration(
+    pairs: list[dict[str, Tensor]],
+    case_ids: list[str] | None = None,
+    spacings: list[Tensor | None] | None = None,
+    directions: list[Tensor | None] | None = None,
+    epoch: int | None = None,
+):
+    """The paper's Figure 4 layout as a matplotlib figure, one row per pair, with colour bars.
 
     ``pairs`` are :func:`~adacs_lightning.callbacks.panel_tensors` dicts. Columns: source, target
     and warped source (intensity), the displacement's magnitude in mm under the deformed grid
@@ -160,10 +181,7 @@ def registration_figure(
     fig.suptitle(title, fontsize=10)
     fig.text(0.01, 0.005, caption, fontsize=7, ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return fig
 
 
 def _spacing(spacings, row: int, ndim: int) -> np.ndarray:
@@ -218,7 +236,12 @@ def labelled_strip(strip: np.ndarray, labels: tuple[str, ...], height: int = 14)
 def momentum_figure(
     steps: list[int], mu: list[float], m: list[float], phases: list[tuple[str, int, int]] | None = None
 ) -> np.ndarray:
-    """``μ_T`` (log scale) and ``m_T`` against the update ``T``, phases shaded, as an RGB uint8 image.
+    """:func:`draw_momentum` as an RGB image ``(H, W, 3)`` uint8."""
+    return rasterise(draw_momentum(steps, mu, m, phases))
+
+
+def draw_momentum(steps: list[int], mu: list[float], m: list[float], phases: list[tuple[str, int, int]] | None = None):
+    """``μ_T`` (log scale) and ``m_T`` against the update ``T``, phases shaded: a matplotlib figure.
 
     ``phases``: ``(name, first update, last update)`` of each schedule phase, shaded and named.
     """
@@ -246,7 +269,4 @@ def momentum_figure(
     if phases:
         ax_m.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return fig

@@ -19,8 +19,8 @@ class MomentumWeight(nn.Module):
     ``μ_T``, and ``γ_T = min(γ, 1 - 1/T)`` for the T-th update (T from 1), so ``m_1 = b_1``.
 
     ``mode="reference"`` reproduces the authors' code: ``μ`` is the running mean of the residuals
-    folded in since the start of the current epoch, ``b = cos(π/2·κμ)`` without a clamp (it turns
-    negative once ``κμ > 1``), and ``γ_e = min(γ, 1 - 1/(e+1))`` for epoch ``e`` (so it is 0 through
+    folded in since the start of the current epoch, ``b = cos(π·κμ)`` (its own expression, ``κ`` its
+    ``momentum_scaling``) without a clamp (it turns negative once ``κμ > 1/2``), and ``γ_e = min(γ, 1 - 1/(e+1))`` for epoch ``e`` (so it is 0 through
     the first epoch).
 
     ``m_T``, ``T``, ``κ`` (and in reference mode the epoch's running sum) are buffers: they travel with the module's
@@ -73,7 +73,7 @@ class MomentumWeight(nn.Module):
             self.epoch.fill_(epoch)
             step_gamma = torch.tensor(min(self.gamma, 1.0 - 1.0 / (epoch + 1)), dtype=self.value.dtype)
             running = self.epoch_sum / self.epoch_count
-            target = torch.cos(0.5 * math.pi * self.kappa * running)
+            target = torch.cos(math.pi * self.kappa * running)
         self.value.copy_(step_gamma * self.value + (1.0 - step_gamma) * target)
         return self.value.clone()
 

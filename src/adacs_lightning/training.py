@@ -90,24 +90,30 @@ def resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
     stored = checkpoint.get(BACKBONE_CONFIG_KEY)
     wanted = OmegaConf.to_container(cfg.backbone, resolve=True)
     if stored is not None:
-        for key, setting in (("_target_", "backbone"), ("spatial_dims", "data.spatial_dims")):
-            if key in stored and key in wanted and stored[key] != wanted[key]:
+        # The network (a wrapped MONAI network's own class, not the adapter's) and its dimensionality.
+        for read, setting in ((_network, "backbone"), (_dims, "data.spatial_dims")):
+            if read(stored) is not None and read(wanted) is not None and read(stored) != read(wanted):
                 raise ConfigError(
                     "ckpt_path",
                     f"'{ckpt}' holds a {_describe(stored)} backbone, but this run builds a {_describe(wanted)} one.",
-                    f"Resume with the checkpoint's settings ({setting}={_value(stored, key)}), or start afresh.",
+                    f"Resume with the checkpoint's {setting} (the {_describe(stored)} one), or start afresh.",
                 )
     return checkpoint
 
 
+def _network(config: dict) -> str | None:
+    """The class a backbone config builds: a wrapped network's ``net._target_``, else its ``_target_``."""
+    net = config.get("net")
+    return (net.get("_target_") if isinstance(net, dict) else None) or config.get("_target_")
+
+
+def _dims(config: dict) -> int | None:
+    net = config.get("net")
+    return config.get("spatial_dims") or (net.get("spatial_dims") if isinstance(net, dict) else None)
+
+
 def _describe(config: dict) -> str:
-    target = (config.get("net") or {}).get("_target_") or config.get("_target_", "?")
-    return f"{config.get('spatial_dims', '?')}D {str(target).rsplit('.', 1)[-1]}"
-
-
-def _value(config: dict, key: str) -> str:
-    value = config[key]
-    return str(value).rsplit(".", 1)[-1] if key == "_target_" else str(value)
+    return f"{_dims(config) or '?'}D {str(_network(config) or '?').rsplit('.', 1)[-1]}"
 
 
 def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
@@ -117,7 +123,8 @@ def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
     except InstantiationException as error:
         cause = error.__cause__ or error
         if isinstance(cause, ConfigError):
-            raise ConfigError(f"{group}.{cause.setting}", cause.problem, cause.fix) from cause
+            setting = cause.setting if cause.setting.startswith(f"{group}.") else f"{group}.{cause.setting}"
+            raise ConfigError(setting, cause.problem, cause.fix) from cause
         unknown = _unexpected_keyword(cause)
         if unknown is not None:
             from .cli.preflight import options_with_key

@@ -28,6 +28,17 @@ def run_command(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@contextlib.contextmanager
+def working_directory(path):
+    """``os.chdir`` for the block (Python 3.10 has no ``contextlib.chdir``)."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def adacs_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``adacs-train ARGS`` run in this process, as the console script runs it: exit status and output captured.
 
@@ -46,7 +57,7 @@ def adacs_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     for logger in lightning_loggers:
         logger.addHandler(handler)
     try:
-        with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        with working_directory(cwd), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             main()
     except SystemExit as exit_:
         status = exit_.code if isinstance(exit_.code, int) else 1

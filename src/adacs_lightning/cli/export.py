@@ -91,7 +91,8 @@ def _size(args: argparse.Namespace, ndim: int) -> tuple[int, ...]:
         size = run_setting(args.model, "data.image_size")
     if size is None:
         raise AdaCSError(
-            "Give the input size with --size (e.g. --size 128 128): the model has no run folder to read it."
+            "Give the input size with --size (e.g. --size 128 128): the model's run folder records no "
+            "data.image_size (there is no run folder, or its data set keeps each file's own size)."
         )
     size = [int(s) for s in ([size] if isinstance(size, int) else size)]
     size = size * ndim if len(size) == 1 else size

@@ -136,6 +136,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise AdaCSError("Give --source and --target (one pair), or --csv with a list of pairs.")
     if args.roi_size is not None and min(args.roi_size) < 1:
         raise AdaCSError("--roi-size must be positive.")
+    if args.target_labels is not None and args.source_labels is None:
+        raise AdaCSError(
+            "--target-labels needs --source-labels: the metrics compare the warped source labels with the target's."
+        )
 
 
 def register_pair(
@@ -149,7 +153,8 @@ def register_pair(
 ) -> tuple[dict[str, Path], str]:
     """Register one pair and write its outputs to ``out``; returns the files and a note on resampling.
 
-    With ``target_labels`` it also writes ``metrics.json`` (Dice, HD95, ASD per label, folding).
+    ``registration.json`` records the files, the model and the grids; with both label maps, also the
+    metrics (Dice, HD95, HD, ASD per label, folding).
     """
     import numpy as np
 
@@ -160,6 +165,14 @@ def register_pair(
     args, ndim = options.args, options.backbone.spatial_dims
     source, target = read_image(source_path, ndim), read_image(target_path, ndim)
     labels = read_image(source_labels, ndim) if source_labels is not None else None
+    target_label_map = None
+    if target_labels is not None and labels is not None:
+        target_label_map = read_image(target_labels, ndim)
+        if target_label_map.array.shape != target.array.shape:
+            raise AdaCSError(
+                f"{target_labels} has shape {target_label_map.array.shape}, its target image "
+                f"{target_path} {target.array.shape}: give the target's label map on the target's grid."
+            )
     source, labels, note = _on_target_grid(source, labels, target, args.grid, source_path, target_path)
     start = time.perf_counter()
     result = register_arrays(
@@ -202,9 +215,10 @@ def register_pair(
         "displacement": "LPS millimetres on the target grid; ITK DisplacementFieldTransform / ANTs warp convention",
         "displacement_voxels": "voxels along the target's array axes; source(x + u(x)) ≈ target(x)",
     }
-    if target_labels is not None and labels is not None:
-        record["metrics"] = _metrics(result.ddf, labels, read_image(target_labels, ndim), target, mask)
+    if target_label_map is not None:
+        record["metrics"] = _metrics(result.ddf, labels, target_label_map, target, mask)
     files["record"] = out / f"{args.prefix}registration.json"
+    record["files"] = {key: path.name for key, path in files.items()}
     files["record"].write_text(json.dumps(record, indent=2))
     return files, note
 
@@ -303,8 +317,9 @@ def register_folder(options: Options) -> dict[str, Path]:
                 args.out / unit.id,
                 _path(files.get("mask")),
             )
-        except AdaCSError as error:
-            failed.append({"case": unit.id, "file": files.get("source", ""), "problem": str(error)})
+        except (AdaCSError, ValueError, RuntimeError, OSError) as error:
+            # Anything one pair's files cause (a label map on another grid, a torn file): skip the row.
+            failed.append({"case": unit.id, "file": files.get("source", ""), "problem": f"{error}"})
             print(f"adacs-register: skipped {unit.id}: {error}", file=sys.stderr)
             continue
         record = json.loads(written["record"].read_text())

@@ -72,6 +72,7 @@ class CAMUSDataModule(FileDataModule):
         use_labels: load the ``_gt`` label maps (a view without them is skipped).
         sector_threshold: intensity (after scaling to [0, 1]) above which a voxel is inside the sector.
         sector_closing: radius (voxels, at the original resolution) of the closing that fills the sector.
+        intensity: ``minmax``, the only scaling (accepted so that ``experiment=reference`` applies).
         val_fraction, test_fraction: patient fractions held out when there is no official split.
         eval_labels: labels whose mean Dice is ``val/dice`` (2, myocardium, by default).
         Others: see :class:`~adacs_lightning.data.base.FileDataModule`.
@@ -90,9 +91,14 @@ class CAMUSDataModule(FileDataModule):
         use_labels: bool = True,
         sector_threshold: float = 0.01,
         sector_closing: int = 3,
+        intensity: str = "minmax",
         **loading: Any,
     ) -> None:
         super().__init__(spatial_dims, **{"eval_labels": (MYOCARDIUM,), **loading})
+        if intensity != "minmax":
+            raise ConfigError(
+                "intensity", f"CAMUS frames are min–max scaled (the sector threshold assumes it); got {intensity!r}."
+            )
         if spatial_dims != 2:
             raise ConfigError("spatial_dims", f"CAMUS frames are 2D images; got {spatial_dims}.", "Use 2.")
         views = [str(v).upper() for v in views]

@@ -44,7 +44,7 @@ class LogVarianceNetwork(nn.Module):
     ) -> None:
         super().__init__()
         if min_variance <= 0:
-            raise ConfigError("min_variance", f"must be positive, got {min_variance}.", "Use e.g. 1e-6.")
+            raise ConfigError("variance_net.min_variance", f"must be positive, got {min_variance}.", "Use e.g. 1e-6.")
         self.unet = map_unet(spatial_dims, in_channels, channels, strides, num_res_units)
         self.log_floor = math.log(min_variance)
 

@@ -124,7 +124,3 @@ def main(argv: list[str] | None = None) -> None:
     sweep = load_sweep(args.sweep)
     for assignment in parameter_sets(sweep, args.count, args.seed):
         print(" ".join(command_line(sweep, assignment)))
-
-
-if __name__ == "__main__":
-    main()
