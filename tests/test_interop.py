@@ -66,6 +66,11 @@ def patch_backbone(monkeypatch):
     return install
 
 
+def pair_args(folder: Path) -> list[str]:
+    """``adacs-register`` arguments for ``folder``'s source.nii.gz and target.nii.gz (the model is patched)."""
+    return ["--model", "m.ckpt", "--source", str(folder / "source.nii.gz"), "--target", str(folder / "target.nii.gz")]
+
+
 SITK_APPLY = """
 import sys, numpy as np, SimpleITK as sitk
 moving, field, target, out = sys.argv[1:5]
@@ -143,14 +148,7 @@ def test_images_on_different_grids_are_refused_or_resampled(tmp_path, patch_back
     nib.save(nib.Nifti1Image(blob(shape), source_affine), str(tmp_path / "source.nii.gz"))
     nib.save(nib.Nifti1Image(blob(shape, 1), target_affine), str(tmp_path / "target.nii.gz"))
     patch_backbone(torch.zeros(1, 2, *shape))
-    args = [
-        "--model",
-        "m.ckpt",
-        "--source",
-        str(tmp_path / "source.nii.gz"),
-        "--target",
-        str(tmp_path / "target.nii.gz"),
-    ]
+    args = pair_args(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         register_cli.main([*args, "--out", str(tmp_path / "refused")])
     message = capsys.readouterr().err
@@ -269,14 +267,7 @@ def test_sliding_window_inference_stitches_the_same_field(tmp_path, monkeypatch)
         nib.save(nib.Nifti1Image(blob(shape, seed), AFFINE_2D), str(tmp_path / f"{name}.nii.gz"))
     backbone = Backbone(PointwiseField(), inputs="pair", spatial_dims=2, in_channels=1).eval()
     monkeypatch.setattr("adacs_lightning.checkpoint.load_backbone", lambda *a, **k: backbone)
-    args = [
-        "--model",
-        "m.ckpt",
-        "--source",
-        str(tmp_path / "source.nii.gz"),
-        "--target",
-        str(tmp_path / "target.nii.gz"),
-    ]
+    args = pair_args(tmp_path)
     from adacs_lightning.fields import read_voxel_displacement
 
     windows = register_cli.run([*args, "--out", str(tmp_path / "windows"), "--roi-size", "16", "--divisible", "1"])

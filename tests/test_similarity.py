@@ -24,6 +24,14 @@ def smooth_image(shape, seed: int) -> torch.Tensor:
     return (image - image.min()) / (image.max() - image.min())
 
 
+def smooth_pair_batch() -> dict[str, torch.Tensor]:
+    """A batch of two identical textured 32² pairs."""
+    return {
+        "source": smooth_image((32, 32), 0).repeat(2, 1, 1, 1),
+        "target": smooth_image((32, 32), 1).repeat(2, 1, 1, 1),
+    }
+
+
 SIMILARITIES = {
     "mse": lambda dims: SquaredError(),
     "lncc": lambda dims: LocalNCC(spatial_dims=dims, window=5),
@@ -111,10 +119,7 @@ def test_mi_histogram_follows_the_field_of_view():
 @pytest.mark.parametrize("similarity", [LocalNCC(2, window=5), MutualInformation()], ids=["lncc", "mi"])
 def test_adacs_trains_on_the_map_it_is_given(similarity):
     model = AdaCS(tiny_backbone(), similarity=similarity, warmup_epochs=0)
-    batch = {
-        "source": smooth_image((32, 32), 0).repeat(2, 1, 1, 1),
-        "target": smooth_image((32, 32), 1).repeat(2, 1, 1, 1),
-    }
+    batch = smooth_pair_batch()
     directions = model._register(batch)
     torch.testing.assert_close(
         directions[0].residual, similarity(model.warp(batch["source"], directions[0].output.ddf), batch["target"])
@@ -180,10 +185,7 @@ def test_label_supervision_trains_from_the_cli(tmp_path):
 def test_scorer_sees_residuals_on_squared_errors_scale(similarity):
     """``L_ucs`` weights ``r·κ/50``, so the paper's α keeps scores mid-range for every map."""
     model = AdaCS(tiny_backbone(), similarity=similarity, warmup_epochs=0)
-    batch = {
-        "source": smooth_image((32, 32), 0).repeat(2, 1, 1, 1),
-        "target": smooth_image((32, 32), 1).repeat(2, 1, 1, 1),
-    }
+    batch = smooth_pair_batch()
     terms = model._micro_batch(batch)
     residual = terms.directions[0].residual.detach()
     _, logs = model._scoring_loss(terms, torch.tensor(0.0), [residual])
