@@ -173,3 +173,19 @@ def test_three_dimensional_figures_without_orientation():
     model = AdaCS(tiny_backbone(spatial_dims=3))
     image = registration_figure(model.eval(), batch, max_pairs=1, epoch=0)
     assert image.ndim == 3 and image.std() > 0
+
+
+def test_a_method_without_a_scorer_says_so_on_the_score_panel():
+    import matplotlib.pyplot as plt
+
+    from adacs_lightning.figures import draw_registration
+
+    batch = _batch()
+    for model, expected in ((tiny_model(scoring=False).eval(), True), (tiny_model().eval(), False)):
+        pairs = panel_tensors(model, batch, 1)
+        assert pairs[0]["scored"] is not expected
+        fig = draw_registration(pairs, split="test")
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert any("no scorer" in t for t in texts) is expected
+        assert fig._suptitle.get_text() == "Registration of test pairs"
+        plt.close(fig)

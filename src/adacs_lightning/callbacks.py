@@ -55,7 +55,8 @@ def panel_tensors(module, batch: dict, max_pairs: int = 2) -> list[dict[str, tor
     Each dict holds ``(*spatial)`` tensors: ``source``, ``target``, ``warped``, ``error``
     (``|I_t − I_s∘φ|``, zero outside the field-of-view mask), ``score`` (ones without a
     scorer), ``reweighted error`` (score · error), ``displacement`` (a regular grid warped by
-    the displacement, so its lines show the deformation) and ``ddf`` ``(ndim, *spatial)`` in voxels.
+    the displacement, so its lines show the deformation), ``ddf`` ``(ndim, *spatial)`` in voxels
+    and ``scored`` (False when the method has no scorer).
     """
     backbone = getattr(module, "backbone", module)
     batch = {k: v[:max_pairs] for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -66,6 +67,7 @@ def panel_tensors(module, batch: dict, max_pairs: int = 2) -> list[dict[str, tor
     error = squared_residual(warped, target).sqrt()
     residual = module.similarity(warped, target, batch.get("mask")) if hasattr(module, "similarity") else error**2
     score = score_map(module, target, residual)
+    scored = score is not None
     score = torch.ones_like(error) if score is None else score
     if "mask" in batch:
         error = error * batch["mask"]
@@ -80,7 +82,7 @@ def panel_tensors(module, batch: dict, max_pairs: int = 2) -> list[dict[str, tor
         "reweighted error": score * error,
         "displacement": warped_grid,
     }
-    return [{**{k: v[i] for k, v in images.items()}, "ddf": ddf[i]} for i in range(source.shape[0])]
+    return [{**{k: v[i] for k, v in images.items()}, "ddf": ddf[i], "scored": scored} for i in range(source.shape[0])]
 
 
 @torch.no_grad()
@@ -101,7 +103,12 @@ def registration_panels(module, batch: dict, max_pairs: int = 2) -> np.ndarray:
 
 @torch.no_grad()
 def registration_figure(
-    module, batch: dict, max_pairs: int = 2, case_ids: list[str] | None = None, epoch: int | None = None
+    module,
+    batch: dict,
+    max_pairs: int = 2,
+    case_ids: list[str] | None = None,
+    epoch: int | None = None,
+    split: str = "validation",
 ) -> np.ndarray:
     """The paper's Figure 4 layout with colour bars, units and orientation (:func:`adacs_lightning.figures.registration_figure`).
 
@@ -114,7 +121,7 @@ def registration_figure(
     ids = case_ids or ([str(c) for c in meta["case_id"][: len(pairs)]] if "case_id" in meta else None)
     spacings = [meta["spacing"][i] for i in range(len(pairs))] if "spacing" in meta else None
     directions = [meta["direction"][i] for i in range(len(pairs))] if "direction" in meta else None
-    return draw(pairs, ids, spacings, directions, epoch)
+    return draw(pairs, ids, spacings, directions, epoch, split)
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:

@@ -95,9 +95,10 @@ def registration_figure(
     spacings: list[Tensor | None] | None = None,
     directions: list[Tensor | None] | None = None,
     epoch: int | None = None,
+    split: str = "validation",
 ) -> np.ndarray:
     """:func:`draw_registration` as an RGB image ``(H, W, 3)`` uint8."""
-    return rasterise(draw_registration(pairs, case_ids, spacings, directions, epoch))
+    return rasterise(draw_registration(pairs, case_ids, spacings, directions, epoch, split))
 
 
 def rasterise(fig) -> np.ndarray:
@@ -116,6 +117,7 @@ def draw_registration(
     spacings: list[Tensor | None] | None = None,
     directions: list[Tensor | None] | None = None,
     epoch: int | None = None,
+    split: str = "validation",
 ):
     """The paper's Figure 4 layout as a matplotlib figure, one row per pair, with colour bars.
 
@@ -123,7 +125,8 @@ def draw_registration(
     and warped source (intensity), the displacement's magnitude in mm under the deformed grid
     ``x + u(x)`` (every 4 voxels), the error ``|I_t − I_s∘φ|``, the score map ``Ŝ`` (0 to 1) and the
     re-weighted error on the error's scale. A scale bar in mm sits on the source; each row is titled
-    with its case, the figure with the epoch; the caption states the orientation.
+    with its case, the figure with the ``split`` and the epoch; the caption states the orientation.
+    A pair with ``scored`` False (a method without a scorer) says so on its score panel.
     """
     import matplotlib
 
@@ -163,6 +166,8 @@ def draw_registration(
                 ax.set_title(title, fontsize=9)
             if key == "displacement":
                 _draw_deformed_grid(ax, pair["ddf"], view)
+            if key == "score" and not pair.get("scored", True):
+                ax.text(0.5, 0.5, "no scorer\n(Ŝ ≡ 1)", transform=ax.transAxes, ha="center", va="center", fontsize=9)
             if view.invert_x:
                 ax.invert_xaxis()
             if view.invert_y:
@@ -177,7 +182,7 @@ def draw_registration(
         )  # fmt: skip
         name = case_ids[row] if case_ids is not None and row < len(case_ids) else f"pair {row + 1}"
         axes[row, 0].set_ylabel(name, fontsize=8)
-    title = "Registration of validation pairs" + (f", epoch {epoch}" if epoch is not None else "")
+    title = f"Registration of {split} pairs" + (f", epoch {epoch}" if epoch is not None else "")
     fig.suptitle(title, fontsize=10)
     fig.text(0.01, 0.005, caption, fontsize=7, ha="left", va="bottom")
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))

@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ..errors import AdaCSError
-from .common import console_main
+from .common import HelpFormatter, console_main
 
 log = logging.getLogger("adacs_lightning")
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
             "conf/data/NAME.yaml, data.KEY=VALUE changes one setting (e.g. data.test_pairs=64). Writes cases.csv, "
             "summary.csv/.md and, for several runs, comparison.csv/.md and paired_tests.csv."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders or checkpoints, then data overrides")
     parser.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: <run>/evaluation)")

@@ -20,14 +20,14 @@ from pathlib import Path
 
 from ..choices import EXPORT_FORMATS
 from ..errors import AdaCSError
-from .common import console_main, run_setting
+from .common import HelpFormatter, console_main, run_setting
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adacs-export",
         description="Write the trained registration network alone (no scorer) for deployment.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("model", type=Path, help="run folder, .ckpt checkpoint or backbone.pt")
     parser.add_argument("-o", "--output", type=Path, required=True, help="file to write")

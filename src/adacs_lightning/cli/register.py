@@ -25,7 +25,7 @@ from typing import Any
 
 from ..choices import INTENSITY_MODES
 from ..errors import AdaCSError
-from .common import console_main, run_setting
+from .common import HelpFormatter, console_main, run_setting
 
 GRID_CHOICES = ("refuse", "resample")
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(physical mm, LPS components, a displacement field on the target grid), its inverse, the product's own "
             "voxel-unit field (displacement_voxels.nii.gz) and, with labels, the warped source labels."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", required=True, type=Path, help="run folder, .ckpt checkpoint or backbone.pt")
     inputs = parser.add_argument_group("one pair")

@@ -113,7 +113,7 @@ def evaluate_run(
                 f"{str(error).splitlines()[0]}"
             ) from error
         if figure_model is not None and index < figures and figure_dir is not None:
-            _save_case_figure(figure_model, pair, figure_dir, evaluator.device)
+            _save_case_figure(figure_model, pair, figure_dir, evaluator.device, split)
     if not rows:
         raise AdaCSError(f"The '{split}' split of the data has no pairs to evaluate.")
     log.info("%s: %d cases, Dice %.4f", run.label, len(rows), mean_std([r["dice"] for r in rows])[0])
@@ -152,7 +152,7 @@ def _figure_model(run: Run, backbone: torch.nn.Module):
         return backbone
 
 
-def _save_case_figure(model, pair: Mapping[str, Any], folder: Path, device: torch.device) -> None:
+def _save_case_figure(model, pair: Mapping[str, Any], folder: Path, device: torch.device, split: str) -> None:
     from ..callbacks import registration_figure, save_png
 
     batch = {
@@ -162,7 +162,9 @@ def _save_case_figure(model, pair: Mapping[str, Any], folder: Path, device: torc
     for key in ("spacing", "direction"):
         if pair.get(key) is not None:
             meta[key] = pair[key][None]
-    image = registration_figure(model, {**batch, "meta": meta}, max_pairs=1)
+    image = registration_figure(
+        model, {**batch, "meta": meta}, max_pairs=1, split={"val": "validation"}.get(split, split)
+    )
     save_png(image, folder / f"{pair['case_id']}.png")
 
 
@@ -396,12 +398,12 @@ def evaluate(
     if len(resolved) > 1:
         report.table, report.tests = compare(cases, reference)
     report.files.update(write_reports(report, output))
-    report.files.update(_write_axes(cases, {run.label: extra for run, extra in zip(resolved, axes)}, output))
+    report.files.update(_write_axes(cases, {run.label: extra for run, extra in zip(resolved, axes)}, output, split))
     return report
 
 
 def _write_axes(
-    cases: Sequence[Mapping[str, Any]], axes: Mapping[str, Mapping[str, str]], output: Path
+    cases: Sequence[Mapping[str, Any]], axes: Mapping[str, Mapping[str, str]], output: Path, split: str = "test"
 ) -> dict[str, Path]:
     """``axes.md`` (a table per varying key, over cases) and, for one numeric key, ``parameter.png`` (Dice)."""
     rows = [{**case, "axes": axes.get(case["run"], {})} for case in cases]
@@ -413,7 +415,7 @@ def _write_axes(
     files["axes_md"].write_text(axis_markdown(tables, metrics))
     if len(tables) == 1:
         (table,) = tables.values()
-        plot = parameter_plot(table, "dice", "test Dice (%)", output / "parameter.png", scale=100.0)
+        plot = parameter_plot(table, "dice", f"{split} Dice (%)", output / "parameter.png", scale=100.0)
         if plot is not None:
             files["parameter_plot"] = plot
     return files
