@@ -193,7 +193,7 @@ class SweepSummary(Callback):
         text = "# Sweep\n\nFinal validation metrics of each run (summary.json).\n\n" + markdown_table(header, body)
         tables = axis_tables(rows, metrics)
         if tables:
-            text += "\n" + axis_markdown(tables, {m: (f"val {m}", 1.0) for m in metrics})
+            text += "\n" + axis_markdown(tables, {m: (f"val {m}", 1.0) for m in metrics}, digits=4)
             if len(tables) == 1 and "dice" in metrics:
                 parameter_plot(
                     next(iter(tables.values())), "dice", "validation Dice", sweep_dir / "sweep_parameter.png"

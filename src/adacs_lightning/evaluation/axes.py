@@ -64,7 +64,9 @@ def _sort_key(value: str) -> tuple[int, float | str]:
         return (1, value)
 
 
-def axis_markdown(tables: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Mapping[str, tuple[str, float]]) -> str:
+def axis_markdown(
+    tables: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Mapping[str, tuple[str, float]], digits: int = 2
+) -> str:
     """One Markdown table per axis: its values, the runs or cases at each, and each metric's mean ± std."""
     text = "# Sweep axes\n\nEach table pools every run (and its cases) at one value of the axis.\n"
     for key, table in tables.items():
@@ -73,7 +75,10 @@ def axis_markdown(tables: Mapping[str, Sequence[Mapping[str, Any]]], metrics: Ma
             [
                 row["value"],
                 row["n"],
-                *(format_mean_std(row[f"{m}_mean"], row[f"{m}_std"], scale) for m, (_, scale) in metrics.items()),
+                *(
+                    format_mean_std(row[f"{m}_mean"], row[f"{m}_std"], scale, digits)
+                    for m, (_, scale) in metrics.items()
+                ),
             ]
             for row in table
         ]
