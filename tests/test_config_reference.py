@@ -82,6 +82,22 @@ def test_a_key_documented_in_another_option_of_its_group_counts(tmp_path):
     assert "### `method=adacs` (default)" in reference
 
 
+def test_an_experiments_note_on_a_value_does_not_replace_the_keys_meaning(tmp_path):
+    """``experiment`` sorts before ``method``: its note stays in its own table."""
+    _write_tree(tmp_path, "# Baseline.\nalpha: 0.0\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        config.read_text().replace("  - method: adacs\n", "  - method: adacs\n  # Presets.\n  - experiment: null\n")
+    )
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "paper.yaml").write_text(
+        "# @package _global_\n# The paper.\nmethod:\n  alpha: 0.04  # the paper's appendix value\n"
+    )
+    reference = ref.render_reference(ref.load_tree(tmp_path))
+    assert "| `method.alpha` | `0.02` | α. |" in reference
+    assert "| `method.alpha` | `0.04` | the paper's appendix value |" in reference
+
+
 def test_every_key_of_the_shipped_tree_is_parsed():
     """The line parser sees exactly the keys YAML sees, in every file of conf/."""
     for config in ref.load_tree(REPO / "conf"):

@@ -150,9 +150,13 @@ def load_tree(root: Path | None = None) -> list[ConfigFile]:
 
 
 def key_docs(files: list[ConfigFile]) -> dict[str, str]:
-    """Composed-config path → its description, from the first file that documents it."""
+    """Composed-config path → its description, from the first file that documents it.
+
+    Files that set keys of other groups (``# @package _global_``: experiments, debug presets) come
+    last, so that a key's description is its own group's, not an experiment's note on its value.
+    """
     docs: dict[str, str] = {}
-    for config in files:
+    for config in sorted(files, key=lambda c: c.is_global):
         for key in config.keys:
             if key.comment and key.path not in docs:
                 docs[key.path] = key.comment
@@ -187,7 +191,11 @@ def _value_cell(value: str) -> str:
 def _key_table(config: ConfigFile, docs: dict[str, str]) -> list[str]:
     rows = ["| key | value | meaning |", "|---|---|---|"]
     for key in config.keys:
-        meaning = "the class or function that is instantiated" if _is_target(key.path) else docs.get(key.path, "")
+        # An experiment's own note on the value it sets; elsewhere the key's meaning in its group.
+        own = key.comment if config.is_global else None
+        meaning = (
+            "the class or function that is instantiated" if _is_target(key.path) else own or docs.get(key.path, "")
+        )
         rows.append(f"| `{key.path}` | {_value_cell(key.value)} | {_cell(meaning)} |")
     return rows
 

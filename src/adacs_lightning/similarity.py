@@ -125,14 +125,15 @@ class MutualInformation(Similarity):
     equal); weighted by a score, a voxel's term counts as much as its score. ``log p(b|a)`` is
     MONAI's ``log(p_ab / (p_a p_b))`` (with its smoothing constants) plus ``log p_b``. Invariant to
     any monotone (indeed any one-to-one) intensity remapping, up to the binning. Channels share
-    one histogram, as in MONAI. ``κ = 1``: ``b_T = 0`` from a conditional entropy of 1 nat.
+    one histogram, as in MONAI. ``κ = 0.5``: ``b_T = 0`` from a conditional entropy of 2 nats, the
+    residual measured at the start of AdaCS's warm-up B on speckled pairs (docs/method.md).
 
     Args:
         bins: histogram bins.
         sigma_ratio: Gaussian Parzen window width, in bin spacings.
     """
 
-    kappa = 1.0
+    kappa = 0.5
     unit = "nats"
 
     def __init__(self, bins: int = 23, sigma_ratio: float = 0.5) -> None:
