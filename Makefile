@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch; set TORCH_SPEC="torch" (or a CUDA build) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install train test test-fast lint format clean
+.PHONY: install train test test-slow test-all lint format clean
 
 install: $(VENV)/.installed
 
@@ -21,13 +21,19 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(BIN)/adacs-train $(ARGS)
 
-## The whole test suite, slow end-to-end runs included, in random order.
-test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# Test worker processes (pytest-xdist); each uses one thread.
+WORKERS ?= auto
 
-## The test suite without the slow end-to-end runs.
-test-fast: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+## The test suite without the slow end-to-end runs, in random order, on every core (about 2 minutes on 2).
+test: install
+	$(BIN)/python -m pytest -n $(WORKERS) -m "not slow" $(PYTEST_ARGS)
+
+## The slow end-to-end runs alone (CLI, DDP, notebooks, benchmarks' tiny modes; about 3 minutes on 2 cores).
+test-slow: install
+	$(BIN)/python -m pytest -n $(WORKERS) -m slow $(PYTEST_ARGS)
+
+## Everything, as CI runs it.
+test-all: test test-slow
 
 ## Lint and format checks (ruff), as CI runs them.
 lint: install

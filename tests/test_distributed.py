@@ -26,14 +26,16 @@ def test_ddp_cpu_equals_one_process_with_the_same_global_batch(tmp_path, score_r
     two halves, μ_T is averaged over ranks, and the validation metrics are reduced across them.
     The all-reduce sums in another order than the single batch mean, which changes float
     rounding; Adam turns a sign flip of a near-zero gradient into a ±lr step, so weights are
-    compared to a fraction of lr (1e-3) while m_T and the metrics agree closely.
+    compared to a fraction of lr (1e-3), and μ_T, m_T and the metrics, which follow from those
+    weights, to 1e-3 of their value (a rank that skipped averaging μ_T would report the mean over its
+    own two pairs instead of all four).
     """
     setting = f"method.score_residual={score_residual}"  # one backward pass per step, or two
     ddp = train(tmp_path / "ddp", "trainer=ddp_cpu", "data.batch_size=2", setting)
     single = train(tmp_path / "single", "trainer=cpu", "data.batch_size=4", setting)
     assert ddp["epochs"] == single["epochs"] == 3
     for key in ("val/dice", "val/residual", "train/mu", "train/m"):
-        assert ddp["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-6), key
+        assert ddp["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-3, abs=1e-6), key
 
     # one checkpoint, written by rank zero, and the same weights as the single process
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir())[-1] == "last.ckpt"

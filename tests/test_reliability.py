@@ -131,7 +131,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_loadable(tmp_path):
         assert torch.load(last, weights_only=False)["epoch"] == 0
         assert not list(run.glob("checkpoints/.*.partial"))
     finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
+        # lazy: detaches the file system even while a log handler of the in-process run still holds a file
+        subprocess.run(["umount", "--lazy", str(disk)], capture_output=True)
 
 
 # ---------------------------------------------------------------- unlabelled pairs
