@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adacs_lightning.evaluation.fair import choose_lambda, differing_overrides, validation_table
+from adacs_lightning.evaluation.fair import choose_lambda, differing_overrides, draw_tradeoff, validation_table
 from adacs_lightning.evaluation.tables import read_csv
 
 from .helpers.fakes import make_folder
@@ -23,6 +23,32 @@ def test_lambda_is_chosen_on_mean_validation_dice_per_method():
         {"backbone": "vm", "method": "adacs", "lam": 0.05, "dice_mean": 0.73},  # a tie: the smaller λ
     ]
     assert choose_lambda(rows) == {("vm", "baseline"): 0.05, ("vm", "adacs"): 0.01}
+
+
+def tradeoff_rows(folding: float) -> list[dict]:
+    return [
+        {"backbone": "vm", "method": method, "lam": lam, "dice_mean": 0.7 + lam, "smoothness_mean": 0.1 / lam,
+         "folding_pct_mean": folding * (method == "baseline")}
+        for method in ("baseline", "adacs") for lam in (0.01, 0.05)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("folding", [0.0, 0.3])
+def test_tradeoff_figure_plots_folding_only_when_some_run_folds(folding):
+    import matplotlib.pyplot as plt
+
+    rows = tradeoff_rows(folding)
+    fig = draw_tradeoff(rows, choose_lambda(rows))
+    smoothness, folds = fig.axes
+    assert len(smoothness.get_lines()) == 2 + 2  # a line per method and a star at each chosen λ
+    assert smoothness.get_xscale() == "log" and "λ=0.05" in [t.get_text() for t in smoothness.texts]
+    if folding:
+        assert folds.axison and len(folds.get_lines()) == 4
+        assert max(x for line in folds.get_lines() for x in line.get_xdata()) == pytest.approx(0.3)
+    else:  # every point would sit on x = 0: the panel says so instead
+        assert not folds.axison and not folds.get_lines()
+        assert any("No folding in any of the 4" in t.get_text() for t in folds.texts)
+    plt.close(fig)
 
 
 @pytest.mark.slow

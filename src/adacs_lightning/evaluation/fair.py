@@ -169,8 +169,12 @@ def _write_validation_markdown(rows: Sequence[dict[str, Any]], chosen: dict, pat
     return path
 
 
-def tradeoff_figure(rows: Sequence[dict[str, Any]], chosen: dict, path: Path) -> Path:
-    """Validation Dice against mean ‖∇u‖² and against folding %, one line per backbone × method over λ."""
+def draw_tradeoff(rows: Sequence[dict[str, Any]], chosen: dict):
+    """Validation Dice against mean ‖∇u‖² and against folding %, one line per backbone × method over λ.
+
+    When no run folds (every voxel has det J > 0), the folding panel says so instead of stacking every
+    point on x = 0. Returns the matplotlib figure.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,12 +183,13 @@ def tradeoff_figure(rows: Sequence[dict[str, Any]], chosen: dict, path: Path) ->
     lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         lines[(row["backbone"], row["method"])].append(row)
+    folds = any(row["folding_pct_mean"] > 0 for row in rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for index, ((backbone, method), members) in enumerate(sorted(lines.items())):
         members = sorted(members, key=lambda r: r["lam"])
         label = f"{backbone} / {method}" if len({b for b, _ in lines}) > 1 else method
         style = dict(marker="o", linewidth=1.2, color=f"C{index % 10}", label=label)
-        for ax, metric in zip(axes, ("smoothness", "folding_pct")):
+        for ax, metric in zip(axes, ("smoothness", "folding_pct") if folds else ("smoothness",)):
             xs = [m[f"{metric}_mean"] for m in members]
             ys = [100.0 * m["dice_mean"] for m in members]
             ax.plot(xs, ys, **style)
@@ -193,12 +198,25 @@ def tradeoff_figure(rows: Sequence[dict[str, Any]], chosen: dict, path: Path) ->
                 if chosen[(backbone, method)] == m["lam"]:
                     ax.plot([x], [y], marker="*", markersize=13, color=style["color"], markeredgecolor="black")
     axes[0].set(xlabel="mean ‖∇u‖² of the displacement (voxels², validation)", ylabel="validation Dice (%)")
-    axes[1].set(xlabel="folding: voxels with det J ≤ 0 (%, validation)", ylabel="validation Dice (%)")
     axes[0].set_xscale("log")
     axes[0].set_title("accuracy against smoothness (★: λ chosen on validation)", fontsize=9)
-    axes[1].set_title("accuracy against folding", fontsize=9)
     axes[0].legend(fontsize=7)
+    axes[1].set_title("accuracy against folding", fontsize=9)
+    if folds:
+        axes[1].set(xlabel="folding: voxels with det J ≤ 0 (%, validation)", ylabel="validation Dice (%)")
+    else:
+        axes[1].set_axis_off()
+        message = f"No folding in any of the {len(rows)} method × λ settings:\nevery voxel has det J > 0 (validation)."
+        axes[1].text(0.5, 0.5, message, ha="center", va="center", fontsize=10, transform=axes[1].transAxes)
     fig.tight_layout()
+    return fig
+
+
+def tradeoff_figure(rows: Sequence[dict[str, Any]], chosen: dict, path: Path) -> Path:
+    """:func:`draw_tradeoff` written to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_tradeoff(rows, chosen)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
