@@ -200,3 +200,33 @@ def test_closed_form_weights_of_a_typical_lncc_residual_stay_mid_range():
     model = ClosedFormRobust(tiny_backbone(), similarity=LocalNCC(2, window=5))
     weight = model.weight_map(None, torch.full((1, 1, 4, 4), 0.25))
     torch.testing.assert_close(weight, torch.full_like(weight, 0.75))
+
+
+@pytest.mark.parametrize("name, kind", [("mse", SquaredError), ("lncc", LocalNCC), ("mi", MutualInformation)])
+def test_a_similarity_is_chosen_by_name_in_python_and_on_the_command_line(tmp_path, name, kind):
+    from adacs_lightning.training import build, check_settings
+
+    from .helpers.configs import compose_config
+
+    assert type(AdaCS(tiny_backbone(), similarity=name).similarity) is kind
+    cfg = compose_config(["data.spatial_dims=3", f"method.similarity={name}"], tmp_path)  # as method.similarity=lncc
+    check_settings(cfg)
+    model = build(cfg, "method", backbone=build(cfg, "backbone"))
+    assert type(model.similarity) is kind
+    warped, fixed = torch.rand(1, 1, 12, 12, 12), torch.rand(1, 1, 12, 12, 12)
+    assert model.similarity(warped, fixed).shape == (1, 1, 12, 12, 12)  # lncc's window follows the data's dims
+
+
+def test_an_unknown_similarity_name_lists_the_known_ones(tmp_path):
+    from adacs_lightning.errors import ConfigError
+    from adacs_lightning.training import build
+
+    from .helpers.configs import compose_config
+
+    with pytest.raises(ValueError, match="'ncc'.*mse, lncc, mi"):
+        AdaCS(tiny_backbone(), similarity="ncc")
+    cfg = compose_config(["method.similarity=ncc"], tmp_path)
+    with pytest.raises(
+        ConfigError, match="Setting 'method.similarity': is 'ncc', not a similarity. Use one of mse, lncc"
+    ):
+        build(cfg, "method", backbone=build(cfg, "backbone"))

@@ -165,4 +165,20 @@ class MutualInformation(Similarity):
         return f"bins={self.bins}"
 
 
-__all__ = ["LocalNCC", "MutualInformation", "Similarity", "SquaredError"]
+SIMILARITIES: dict[str, type[Similarity]] = {"mse": SquaredError, "lncc": LocalNCC, "mi": MutualInformation}
+
+
+def similarity_from_name(name: str, spatial_dims: int) -> Similarity:
+    """``mse``, ``lncc`` or ``mi`` with its default settings (those of ``conf/similarity/<name>.yaml``).
+
+    Raises:
+        ValueError: for another name; the message lists the known ones.
+    """
+    if name not in SIMILARITIES:
+        raise ValueError(f"Unknown similarity {name!r}: use one of {', '.join(SIMILARITIES)} (or a Similarity module).")
+    if SIMILARITIES[name] is LocalNCC:
+        return LocalNCC(spatial_dims=spatial_dims)
+    return SIMILARITIES[name]()
+
+
+__all__ = ["SIMILARITIES", "LocalNCC", "MutualInformation", "Similarity", "SquaredError", "similarity_from_name"]

@@ -26,7 +26,7 @@ from ..errors import ConfigError, NonFiniteLossError
 from ..losses import displacement_data_term, gradient_energy, masked_mean
 from ..metrics import dice_per_label, folding_percentage
 from ..schedule import Phase
-from ..similarity import Similarity, SquaredError
+from ..similarity import SIMILARITIES, Similarity, SquaredError, similarity_from_name
 from ..warping import warp_block
 
 Tensor = torch.Tensor
@@ -74,7 +74,8 @@ class RegistrationModule(L.LightningModule):
 
     Args:
         backbone: the registration network.
-        similarity: the dissimilarity map (:class:`~adacs_lightning.similarity.SquaredError` when None).
+        similarity: the dissimilarity map, or its name (``mse``, ``lncc``, ``mi``, with default settings);
+            :class:`~adacs_lightning.similarity.SquaredError` when None.
         lam: weight ``λ`` of the smoothness penalty.
         smoothness_on: ``"displacement"`` (default) or ``"velocity"``: the field before integration,
             on its integration grid, as the reference penalises it (velocity backbones only).
@@ -96,7 +97,7 @@ class RegistrationModule(L.LightningModule):
         self,
         backbone: nn.Module,
         *,
-        similarity: Similarity | None = None,
+        similarity: Similarity | str | None = None,
         lam: float = 0.01,
         smoothness_on: str = "displacement",
         label_weight: float = 0.0,
@@ -124,6 +125,12 @@ class RegistrationModule(L.LightningModule):
                 f"is 'velocity', but {self.backbone.name} predicts the displacement directly (no velocity to penalise).",
                 "Use smoothness_on=displacement, or a velocity backbone (voxelmorph with integration_steps > 0).",
             )
+        if isinstance(similarity, str):
+            if similarity not in SIMILARITIES:
+                raise ConfigError(
+                    "similarity", f"is {similarity!r}, not a similarity.", f"Use one of {', '.join(SIMILARITIES)}."
+                )
+            similarity = similarity_from_name(similarity, self.backbone.spatial_dims)
         self.similarity: Similarity = similarity if similarity is not None else SquaredError()
         self.warp = warp_block("bilinear", "border")
         self.warp_labels = warp_block("nearest", "border")
