@@ -89,16 +89,9 @@ def _scale_bar_length(width_mm: float) -> float:
 
 
 @torch.no_grad()
-def registration_figure(
-    pairs: list[dict[str, Tensor]],
-    case_ids: list[str] | None = None,
-    spacings: list[Tensor | None] | None = None,
-    directions: list[Tensor | None] | None = None,
-    epoch: int | None = None,
-    split: str = "validation",
-) -> np.ndarray:
-    """:func:`draw_registration` as an RGB image ``(H, W, 3)`` uint8."""
-    return rasterise(draw_registration(pairs, case_ids, spacings, directions, epoch, split))
+def registration_figure(pairs: list[dict[str, Tensor]], *args, **kwargs) -> np.ndarray:
+    """:func:`draw_registration` (the same arguments) as an RGB image ``(H, W, 3)`` uint8."""
+    return rasterise(draw_registration(pairs, *args, **kwargs))
 
 
 def rasterise(fig) -> np.ndarray:

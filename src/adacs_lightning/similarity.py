@@ -23,6 +23,7 @@ import torch
 from monai.losses import GlobalMutualInformationLoss, LocalNormalizedCrossCorrelationLoss
 from torch import nn
 
+from .errors import ConfigError
 from .losses import squared_residual
 
 Tensor = torch.Tensor
@@ -172,10 +173,10 @@ def similarity_from_name(name: str, spatial_dims: int) -> Similarity:
     """``mse``, ``lncc`` or ``mi`` with its default settings (those of ``conf/similarity/<name>.yaml``).
 
     Raises:
-        ValueError: for another name; the message lists the known ones.
+        ConfigError: (a ValueError) for another name; the message lists the known ones.
     """
     if name not in SIMILARITIES:
-        raise ValueError(f"Unknown similarity {name!r}: use one of {', '.join(SIMILARITIES)} (or a Similarity module).")
+        raise ConfigError("similarity", f"is {name!r}, not a similarity.", f"Use one of {', '.join(SIMILARITIES)}.")
     if SIMILARITIES[name] is LocalNCC:
         return LocalNCC(spatial_dims=spatial_dims)
     return SIMILARITIES[name]()

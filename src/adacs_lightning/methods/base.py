@@ -26,7 +26,7 @@ from ..errors import ConfigError, NonFiniteLossError
 from ..losses import displacement_data_term, gradient_energy, masked_mean
 from ..metrics import dice_per_label, folding_percentage
 from ..schedule import Phase
-from ..similarity import SIMILARITIES, Similarity, SquaredError, similarity_from_name
+from ..similarity import Similarity, SquaredError, similarity_from_name
 from ..warping import warp_block
 
 Tensor = torch.Tensor
@@ -126,10 +126,6 @@ class RegistrationModule(L.LightningModule):
                 "Use smoothness_on=displacement, or a velocity backbone (voxelmorph with integration_steps > 0).",
             )
         if isinstance(similarity, str):
-            if similarity not in SIMILARITIES:
-                raise ConfigError(
-                    "similarity", f"is {similarity!r}, not a similarity.", f"Use one of {', '.join(SIMILARITIES)}."
-                )
             similarity = similarity_from_name(similarity, self.backbone.spatial_dims)
         self.similarity: Similarity = similarity if similarity is not None else SquaredError()
         self.warp = warp_block("bilinear", "border")
