@@ -26,3 +26,24 @@ def test_step_time_benchmark_prints_ratios(tmp_path):
     assert set(results["step_s"]) == set(results["peak_mib"]) == {"baseline", *only}
     assert all(v > 0 for v in results["step_s"].values())
     assert results["inference_s"]["exported"] > 0
+
+
+@pytest.mark.slow
+def test_dose_response_study_tiny_mode_writes_its_report(tmp_path):
+    out = tmp_path / "dose"
+    command = [sys.executable, str(BENCHMARKS / "dose_response.py"), "--out", str(out), "--tiny", "--seeds", "0", "1"]
+    command += ["--doses", "none", "strong", "--arms", "baseline", "shift_min"]
+    result = run_command(command, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["dose"], r["arm"]) for r in rows] == [
+        ("none", "baseline"), ("none", "shift_min"), ("strong", "baseline"), ("strong", "shift_min")
+    ]  # fmt: skip
+    strong = rows[3]
+    assert 0.0 <= strong["auroc"] <= 1.0 and len(strong["seed_deltas"]) == 2  # the mask exists at a strong dose
+    assert "t_p_holm" in strong and (out / "dose_response.png").is_file()
+    assert "| strong | AdaCS, calibrated + shift-min target |" in (out / "results.md").read_text()
+    # A rerun reads the runs back instead of training them again.
+    runs = sorted((out / "runs").glob("*.json"))
+    assert len(runs) == 8 and run_command(command, cwd=tmp_path).returncode == 0
+    assert sorted((out / "runs").glob("*.json")) == runs

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from adacs_lightning.evaluation.fair import choose_lambda, differing_overrides, draw_tradeoff, validation_table
+from adacs_lightning.evaluation.fair import (
+    choose_lambda,
+    differing_overrides,
+    draw_tradeoff,
+    grid_edges,
+    validation_table,
+)
 from adacs_lightning.evaluation.tables import read_csv
 
 from .helpers.fakes import make_folder
@@ -23,6 +29,20 @@ def test_lambda_is_chosen_on_mean_validation_dice_per_method():
         {"backbone": "vm", "method": "adacs", "lam": 0.05, "dice_mean": 0.73},  # a tie: the smaller λ
     ]
     assert choose_lambda(rows) == {("vm", "baseline"): 0.05, ("vm", "adacs"): 0.01}
+
+
+def test_an_optimum_at_the_grids_edge_is_named_with_the_way_out():
+    rows = [
+        {"backbone": "vm", "method": "baseline", "lam": 0.01, "dice_mean": 0.70},
+        {"backbone": "vm", "method": "baseline", "lam": 0.05, "dice_mean": 0.74},
+        {"backbone": "vm", "method": "baseline", "lam": 0.1, "dice_mean": 0.72},  # inside: no note
+        {"backbone": "vm", "method": "adacs", "lam": 0.01, "dice_mean": 0.75},  # the smallest: a note
+        {"backbone": "vm", "method": "adacs", "lam": 0.05, "dice_mean": 0.73},
+        {"backbone": "vm", "method": "robust", "lam": 0.05, "dice_mean": 0.73},  # one λ: nothing to say
+    ]
+    notes = grid_edges(rows, choose_lambda(rows))
+    assert len(notes) == 1 and notes[0].startswith("vm/adacs: the chosen λ = 0.01 is the smallest")
+    assert "add a smaller λ" in notes[0]
 
 
 def tradeoff_rows(folding: float) -> list[dict]:
@@ -94,6 +114,8 @@ def test_fair_comparison_on_a_folder_of_labelled_pairs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (sweep / "comparison.md").is_file() and (sweep / "tradeoff.png").is_file()
     assert "Chosen λ" in result.stdout + result.stderr
+    # Two λ per arm: every chosen λ is at an edge, and the report says so.
+    assert "λ at the grid's edge" in (sweep / "validation.md").read_text()
 
 
 def test_arms_are_labelled_by_the_overrides_that_differ(tmp_path):

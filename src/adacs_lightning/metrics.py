@@ -114,3 +114,57 @@ def surface_distances_per_label(
         out["hd"][b, j] = max(d.max() for d in distances)
         out["asd"][b, j] = torch.cat(distances).mean()
     return out
+
+
+def localisation(weight: Tensor, nocorr: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+    """How well a weight map finds the voxels without correspondence, per pair.
+
+    Args:
+        weight: ``(B, 1, *spatial)`` the method's weight of each voxel's residual (the score ``Ŝ``), in [0, 1].
+        nocorr: ``(B, 1, *spatial)`` 1 where the target has no counterpart in the source.
+        mask: optional field of view ``(B, 1, *spatial)``; only voxels inside it count.
+
+    Returns ``(B,)`` tensors: ``auroc``, the area under the ROC curve of ``1 − weight`` as a detector
+    of ``nocorr`` (0.5: no better than chance; 1: every such voxel weighted below every other);
+    ``score_nocorr`` and ``score_corr``, the mean weight inside and outside ``nocorr``. Each is NaN
+    for a pair where that region is empty (no AUROC without both classes).
+    """
+    from torchmetrics.functional.classification import binary_auroc
+
+    rows: dict[str, list[Tensor]] = {"auroc": [], "score_nocorr": [], "score_corr": []}
+    nan = weight.new_tensor(float("nan"))
+    for i in range(weight.shape[0]):
+        inside = torch.ones_like(nocorr[i], dtype=torch.bool) if mask is None else mask[i] > 0.5
+        lost = (nocorr[i] > 0.5) & inside
+        kept = (nocorr[i] <= 0.5) & inside
+        w = weight[i].float()
+        rows["score_nocorr"].append(w[lost].mean() if bool(lost.any()) else nan)
+        rows["score_corr"].append(w[kept].mean() if bool(kept.any()) else nan)
+        if bool(lost.any()) and bool(kept.any()):
+            rows["auroc"].append(binary_auroc(1.0 - w[inside], lost[inside].long()))
+        else:
+            rows["auroc"].append(nan)
+    return {k: torch.stack(v) for k, v in rows.items()}
+
+
+def dice_near_and_away(
+    warped_label: Tensor, target_label: Tensor, nocorr: Tensor, labels: Sequence[int], margin: int = 3
+) -> tuple[Tensor, Tensor]:
+    """Dice of the labels within ``margin`` voxels of ``nocorr`` and away from it, per pair.
+
+    Args:
+        warped_label, target_label: ``(B, 1, *spatial)`` integer label maps.
+        nocorr: ``(B, 1, *spatial)`` 1 where the target has no counterpart in the source.
+        labels: label values whose mean Dice is returned.
+        margin: the neighbourhood, in voxels (a cube of side ``2·margin + 1`` around each such voxel).
+
+    Returns ``(near, away)``, each ``(B,)``: the mean over ``labels`` of the Dice restricted to that
+    region; NaN where no label of interest falls in it.
+    """
+    pool = torch.nn.functional.max_pool2d if nocorr.ndim == 4 else torch.nn.functional.max_pool3d
+    near = pool(nocorr.float(), kernel_size=2 * margin + 1, stride=1, padding=margin) > 0.5
+    results = []
+    for region in (near, ~near):
+        dice = dice_per_label(warped_label * region, target_label * region, labels)
+        results.append(dice.nanmean(dim=1))
+    return results[0], results[1]

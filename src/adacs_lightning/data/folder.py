@@ -1,6 +1,8 @@
 """Your own pairs: NIfTI, MHA/MHD or NRRD files, 2D or 3D, listed in a CSV.
 
 The CSV has a header ``source,target`` plus any of ``source_label``, ``target_label``, ``mask``,
+``target_nocorr`` (a mask of the target voxels without a counterpart in the source: a lesion, a
+resection, an artefact; evaluation measures whether the score map falls there; it may be empty),
 ``split`` (train/val/test), ``case`` (an id for messages) and ``subject`` (rows of one subject
 stay in one split). Paths are relative to the CSV's folder (or absolute). Without a ``split``
 column, subjects (or rows) are split at random with the data seed.
@@ -32,9 +34,15 @@ from .transforms import (
 )
 
 REQUIRED = ("source", "target")
-OPTIONAL = ("source_label", "target_label", "mask", "split", "case", "subject")
+OPTIONAL = ("source_label", "target_label", "mask", "target_nocorr", "split", "case", "subject")
 # CSV column → key in the cache (MONAI treats keys starting with "<image key>_" as meta dicts)
-_KEYS = {"source": "source", "target": "target", "source_label": "label_source", "target_label": "label_target"}
+_KEYS = {
+    "source": "source",
+    "target": "target",
+    "source_label": "label_source",
+    "target_label": "label_target",
+    "target_nocorr": "nocorr",
+}
 _SPLIT_NAMES = {
     "train": "train",
     "training": "train",
@@ -147,7 +155,7 @@ class FolderDataModule(FileDataModule):
 
     def _unit(self, csv_path: Path, number: int, case: str, row: dict[str, str]) -> Unit:
         files = {}
-        for column in REQUIRED + ("source_label", "target_label", "mask"):
+        for column in REQUIRED + ("source_label", "target_label", "mask", "target_nocorr"):
             if column not in self.columns:
                 continue
             if not row.get(column):
@@ -172,12 +180,15 @@ class FolderDataModule(FileDataModule):
         images = ["source", "target"]
         labels = [k for k in ("label_source", "label_target") if k.replace("label_", "") + "_label" in self.columns]
         masks = ["mask"] if "mask" in self.columns else []
+        masks += ["nocorr"] if "target_nocorr" in self.columns else []
         keys = images + labels + masks
         steps = [
             LoadFilesd(keys),
             EnsureChannelFirstd(keys, allow_missing_keys=True),
             ToSpatialDimsd(keys, self.spatial_dims),
-            CheckShapesd([("source", "label_source"), ("target", "label_target"), ("target", "mask")]),
+            CheckShapesd(
+                [("source", "label_source"), ("target", "label_target"), ("target", "mask"), ("target", "nocorr")]
+            ),
             CheckValuesd(keys),
         ]
         if self.orientation and self.spatial_dims == 3:

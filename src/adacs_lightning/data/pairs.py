@@ -99,7 +99,8 @@ class CachedPairs(Dataset):
 
     Items follow the batch dict of the design: ``source``, ``target`` ``(1, *spatial)`` float32
     in [0, 1]; ``source_label``, ``target_label`` ``(1, *spatial)`` int64 when the data set has
-    labels; ``mask`` ``(1, *spatial)`` float32 in {0, 1} when it has a field of view; ``meta``
+    labels; ``mask`` ``(1, *spatial)`` float32 in {0, 1} when it has a field of view; ``nocorr`` the same,
+    where the target has no counterpart in the source, when the data set marks it; ``meta``
     with ``case_id`` and ``spacing`` (``(spatial_dims,)`` float32, mm per voxel of the target).
 
     Args:
@@ -182,6 +183,8 @@ class CachedPairs(Dataset):
         if masks:
             mask = masks[0] if len(masks) == 1 else masks[0] * masks[1]
             item["mask"] = take(mask).float()
+        if "nocorr" in target_unit:  # the target's voxels without a counterpart in the source
+            item["nocorr"] = take(target_unit["nocorr"]).float()
         spacing = target_unit["spacing"]
         case_id = pair.case_id if slice_index is None else f"{pair.case_id}_slice{slice_index:02d}"
         ndim = item["target"].ndim - 1

@@ -29,6 +29,11 @@ the labels. Each is modelled on how an echocardiogram is formed:
   change of gain, dynamic range or grey map between acquisitions (or MR sequences) does;
 * the field of view: a sector from the probe apex at the top; outside it the image is 0.
 
+Each pair also carries where the target has no counterpart in the source (``nocorr``): the
+half-maximum footprint of every target-only change (a drop-out, an extra structure, a shadow
+with ``shadow_frames="target"``), inside the field of view. A shadow on both frames and the
+speckle leave every voxel a counterpart, so they are not in it.
+
 Every function takes a ``torch.Generator`` and is deterministic given its state.
 Shapes are ``(1, *spatial)`` (channel first) unless stated; intensities lie in [0, 1].
 """
@@ -121,6 +126,7 @@ class PhantomPair:
     target_label: Tensor
     mask: Tensor | None  # (1, *spatial) float {0, 1}, the field of view
     ddf: Tensor  # (ndim, *spatial) voxels, the true displacement: target(x) = clean source(x + ddf(x))
+    nocorr: Tensor | None = None  # (1, *spatial) float {0, 1}: target voxels without a counterpart in the source
 
 
 def _uniform(gen: torch.Generator, low: float, high: float) -> float:
@@ -302,12 +308,18 @@ def _shadow_factor(shape: tuple[int, ...], nuisance: Nuisances, gen: torch.Gener
     return 1.0 - nuisance.shadow_attenuation * angular * distal
 
 
-def _dropout(image: Tensor, label: Tensor, gen: torch.Generator, attenuation: float) -> Tensor:
-    """Lose the echo over a patch of the lateral wall (beam parallel to the endocardium)."""
+#: A target-only change removes correspondence where it reaches half its peak effect.
+HALF_MAXIMUM = 0.5
+
+
+def _dropout(image: Tensor, label: Tensor, gen: torch.Generator, attenuation: float) -> tuple[Tensor, Tensor | None]:
+    """Lose the echo over a patch of the lateral wall (beam parallel to the endocardium).
+
+    Returns the image and the drop-out's profile ``(1, *spatial)`` in [0, 1] (None when there is no wall)."""
     coords = _grid(tuple(image.shape[1:]))
     wall = label[0] == MYOCARDIUM
     if not bool(wall.any()):
-        return image
+        return image, None
     lateral_axis = coords[1]
     wall_lateral = lateral_axis[wall]
     centre_lateral = wall_lateral.mean()
@@ -318,20 +330,23 @@ def _dropout(image: Tensor, label: Tensor, gen: torch.Generator, attenuation: fl
     pick = candidates[int(torch.randint(len(candidates), (), generator=gen))].float()
     radius = float(min(image.shape[1:])) * _uniform(gen, 0.06, 0.1)
     dist2 = (coords - pick.view(-1, *([1] * (image.ndim - 1)))).pow(2).sum(0, keepdim=True)
-    return image * (1.0 - attenuation * torch.exp(-dist2 / (2 * radius**2)))
+    profile = torch.exp(-dist2 / (2 * radius**2))
+    return image * (1.0 - attenuation * profile), profile
 
 
-def _extra_structure(image: Tensor, label: Tensor, gen: torch.Generator) -> Tensor:
-    """A small bright blob inside the blood pool (a papillary muscle or trabeculation), in this frame only."""
+def _extra_structure(image: Tensor, label: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    """A small bright blob inside the blood pool (a papillary muscle or trabeculation), in this frame only.
+
+    Returns the image and the blob's profile ``(1, *spatial)`` in [0, 1] (None when there is no cavity)."""
     cavity = torch.nonzero(label[0] == BLOOD)
     if cavity.numel() == 0:
-        return image
+        return image, None
     pick = cavity[int(torch.randint(len(cavity), (), generator=gen))].float()
     radius = float(min(image.shape[1:])) * _uniform(gen, 0.025, 0.045)
     coords = _grid(tuple(image.shape[1:]))
     dist2 = (coords - pick.view(-1, *([1] * (image.ndim - 1)))).pow(2).sum(0, keepdim=True)
     blob = torch.exp(-dist2 / (2 * radius**2))
-    return image + (0.6 - image).clamp_min(0) * blob
+    return image + (0.6 - image).clamp_min(0) * blob, blob
 
 
 def _contrast_change(image: Tensor, strength: float, gen: torch.Generator) -> Tensor:
@@ -358,16 +373,22 @@ def make_pair(shape: tuple[int, ...], nuisance: Nuisances, gen: torch.Generator)
         fields.append(moved_speckle_field(fields[0], ddf, nuisance.speckle_correlation, gen))
     frames = []
     shadow = None
+    # Profiles in [0, 1] of the target-only changes: where each reaches half its peak, correspondence is lost.
+    target_only: list[Tensor | None] = []
     for is_target, (image, label) in enumerate(((ed_image, ed_label), (es_image, es_label))):
         image = _drift(image, nuisance.drift, gen) if nuisance.drift > 0 else image
         if is_target:
             if _uniform(gen, 0, 1) < nuisance.shadow_prob:
                 shadow = _shadow_factor(shape, nuisance, gen)
                 image = image * shadow
+                if nuisance.shadow_frames == "target" and nuisance.shadow_attenuation > 0:
+                    target_only.append((1.0 - shadow) / nuisance.shadow_attenuation)
             if _uniform(gen, 0, 1) < nuisance.dropout_prob:
-                image = _dropout(image, label, gen, nuisance.dropout_attenuation)
+                image, profile = _dropout(image, label, gen, nuisance.dropout_attenuation)
+                target_only.append(profile if nuisance.dropout_attenuation > 0 else None)
             if _uniform(gen, 0, 1) < nuisance.extra_structure_prob:
-                image = _extra_structure(image, label, gen)
+                image, profile = _extra_structure(image, label, gen)
+                target_only.append(profile)
         if speckle:
             image = apply_speckle(image, fields[is_target], nuisance.noise_level)
         elif nuisance.noise == "rician" and nuisance.noise_level > 0:
@@ -380,9 +401,14 @@ def make_pair(shape: tuple[int, ...], nuisance: Nuisances, gen: torch.Generator)
 
     mask = None
     depth, angle = sector_geometry(shape)
+    nocorr = torch.zeros((1, *shape))
+    for profile in target_only:
+        if profile is not None:
+            nocorr = torch.maximum(nocorr, (profile >= HALF_MAXIMUM).float())
     if nuisance.fov:
         half = math.radians(nuisance.sector_angle_deg) / 2
         mask = ((angle.abs() <= half) & (depth <= 1.02 * shape[0])).float()
         frames = [f * mask for f in frames]
+        nocorr = nocorr * mask
     source, target = (f.clamp(0.0, 1.0) for f in frames)
-    return PhantomPair(source, target, ed_label, es_label, mask, ddf)
+    return PhantomPair(source, target, ed_label, es_label, mask, ddf, nocorr)

@@ -26,7 +26,8 @@ class SyntheticPairs(Dataset):
 
     Items are the batch dict of the design: ``source``, ``target`` ``(1, *spatial)`` float
     in [0, 1]; ``source_label``, ``target_label`` ``(1, *spatial)`` int64; ``mask``
-    ``(1, *spatial)`` when the nuisances include a field of view; ``meta`` with
+    ``(1, *spatial)`` when the nuisances include a field of view; ``nocorr`` ``(1, *spatial)`` in {0, 1},
+    the target voxels without a counterpart in the source (target-only nuisances); ``meta`` with
     ``case_id`` and ``spacing`` (1 mm isotropic). ``intensity``: ``clamp`` keeps the phantom's
     intensities (clamped to [0, 1]); ``minmax`` scales each frame to its own [min, max], as the
     reference code does.
@@ -70,6 +71,8 @@ class SyntheticPairs(Dataset):
         }
         if pair.mask is not None:
             item["mask"] = pair.mask
+        if pair.nocorr is not None:
+            item["nocorr"] = pair.nocorr
         return item
 
     def __len__(self) -> int:

@@ -276,7 +276,11 @@ class SectorMaskd(MapTransform):
 
 
 def _kind(key: str) -> str:
-    """``label``, ``mask`` or ``image``, from a unit's key (see :class:`~adacs_lightning.data.pairs.Unit`)."""
+    """``label``, ``mask``, ``region`` or ``image``, from a unit's key (see :class:`~adacs_lightning.data.pairs.Unit`).
+
+    A ``region`` (``nocorr``: where the target has no counterpart) is a mask that may be empty."""
+    if key == "nocorr":
+        return "region"
     return "label" if key.startswith("label") else "mask" if key.startswith("mask") else "image"
 
 
@@ -289,7 +293,7 @@ def check_values(image: Any, path: str | Path, kind: str) -> Any:
 
     Images must be finite and not constant; label maps finite, integer-valued (values within
     :data:`LABEL_TOLERANCE` of integers are rounded, with a warning) and not empty; masks finite
-    and not empty.
+    and not empty; regions (a no-correspondence mask) finite.
     """
     values = torch.as_tensor(np.asarray(image))
     finite = torch.isfinite(values)
@@ -305,7 +309,7 @@ def check_values(image: Any, path: str | Path, kind: str) -> Any:
             path, f"is constant (every voxel is {float(values.flatten()[0]):g}): there is nothing to register.",
             "Check that it is the right file, or remove the case.",
         )  # fmt: skip
-    if kind == "image":
+    if kind in ("image", "region"):
         return image
     if not bool(values.any()):
         what = "a label map with no label" if kind == "label" else "an empty mask"

@@ -10,13 +10,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..metrics import dice_per_label, folding_percentage, surface_distances_per_label
+from ..metrics import dice_near_and_away, dice_per_label, folding_percentage, localisation, surface_distances_per_label
 from ..warping import warp_block
 
 Tensor = torch.Tensor
 
 #: Per-case metrics summarised and compared (the mean over the labels of interest), and their direction.
 METRICS = {"dice": "higher", "hd95": "lower", "hd": "lower", "asd": "lower", "folding_pct": "lower", "time_ms": "lower"}
+#: Per-case metrics of pairs with a no-correspondence mask (``nocorr``); the scores' only with a weight map.
+MECHANISM = {
+    "auroc": "higher",
+    "score_nocorr": "lower",
+    "score_corr": "higher",
+    "dice_near": "higher",
+    "dice_away": "higher",
+}
 
 
 def iterate_pairs(batches: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -44,12 +52,17 @@ class CaseEvaluator:
         backbone: ``(moving, fixed) → displacement (1, ndim, *spatial)`` in voxels.
         labels: label values of interest; ``names`` maps them to column names (``label<k>`` by default).
         device: where the backbone runs.
+        weighting: the whole trained method (a :class:`~adacs_lightning.methods.RegistrationModule`), whose
+            weight map (AdaCS's score) is measured against the pairs' no-correspondence masks; None: not measured.
 
     A row holds ``case_id``; per label ``dice_<name>`` (fraction), ``hd95_<name>``, ``hd_<name>``,
     ``asd_<name>`` (mm, from the pair's spacing; 1 mm when it has none); their means over the labels
     ``dice``, ``hd95``, ``hd``, ``asd``; ``dice_initial`` (before registration); ``folding_pct``
     (% of voxels, inside the field-of-view mask if any, with a non-positive Jacobian determinant)
     and ``time_ms`` (the backbone's forward pass for this pair, after one untimed warm-up call).
+    Pairs with a ``nocorr`` mask add ``dice_near``/``dice_away`` (:func:`~adacs_lightning.metrics.dice_near_and_away`)
+    and, with a ``weighting`` that has a map, ``auroc``, ``score_nocorr``, ``score_corr``
+    (:func:`~adacs_lightning.metrics.localisation`).
     """
 
     def __init__(
@@ -58,6 +71,7 @@ class CaseEvaluator:
         labels: Sequence[int],
         names: Mapping[int, str] | None = None,
         device: str | torch.device = "cpu",
+        weighting: nn.Module | None = None,
     ) -> None:
         if not labels:
             raise ValueError("no labels of interest to evaluate")
@@ -65,6 +79,7 @@ class CaseEvaluator:
         self.backbone = backbone.to(self.device).eval()
         self.labels = [int(v) for v in labels]
         self.names = {k: str((names or {}).get(k, f"label{k}")) for k in self.labels}
+        self.weighting = weighting.to(self.device).eval() if weighting is not None else None
         self._warm = False
         self._warned_spacing = False
 
@@ -108,6 +123,25 @@ class CaseEvaluator:
             )
         )
         row["time_ms"] = ms
+        if pair.get("nocorr") is not None:
+            row.update(self._mechanism(pair, ddf))
+        return row
+
+    def _mechanism(self, pair: Mapping[str, Any], ddf: Tensor) -> dict[str, float]:
+        """Dice near and away from the pair's no-correspondence mask; with a weight map, how well it finds the mask."""
+        nocorr = pair["nocorr"].float()
+        warped = warp_block("nearest", "border")(pair["source_label"].float(), ddf.float().cpu()).round().long()
+        near, away = dice_near_and_away(warped, pair["target_label"].long(), nocorr, self.labels)
+        row = {"dice_near": float(near[0]), "dice_away": float(away[0])}
+        if self.weighting is None or not hasattr(self.weighting, "weight_map"):
+            return row
+        source, target = pair["source"].to(self.device), pair["target"].to(self.device)
+        mask = pair.get("mask")
+        mask = None if mask is None else mask.to(self.device)
+        residual = self.weighting.similarity(self.weighting.warp(source, ddf), target, mask)
+        weight = self.weighting.weight_map(target, residual)
+        if weight is not None:
+            row.update({k: float(v[0]) for k, v in localisation(weight, nocorr.to(self.device), mask).items()})
         return row
 
 

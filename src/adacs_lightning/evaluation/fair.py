@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,8 +29,16 @@ from .tables import format_mean_std, markdown_table, write_csv
 
 log = logging.getLogger("adacs_lightning")
 
-#: Validation metrics read from each run's summary.json.
-VALIDATION = {"dice": "val/dice", "smoothness": "val/smoothness", "folding_pct": "val/folding_pct"}
+#: Validation metrics read from each run's summary.json (the localisation ones where the data marks its
+#: no-correspondence voxels and the method has a weight map).
+VALIDATION = {
+    "dice": "val/dice",
+    "smoothness": "val/smoothness",
+    "folding_pct": "val/folding_pct",
+    "auroc": "val/auroc",
+    "score_nocorr": "val/score_nocorr",
+    "score_corr": "val/score_corr",
+}
 
 
 @dataclass
@@ -48,6 +57,7 @@ class FairReport:
 
     validation: list[dict[str, Any]]
     chosen: dict[tuple[str, str], float]
+    edges: list[str] = field(default_factory=list)  # arms whose chosen λ sits at their grid's edge
     table: list[dict[str, Any]] = field(default_factory=list)
     tests: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
@@ -110,6 +120,24 @@ def choose_lambda(validation: Sequence[dict[str, Any]]) -> dict[tuple[str, str],
     return {key: lam for key, (lam, _) in chosen.items()}
 
 
+def grid_edges(validation: Sequence[dict[str, Any]], chosen: dict[tuple[str, str], float]) -> list[str]:
+    """One sentence per arm whose chosen λ is the smallest or largest it was run with (its optimum may lie beyond)."""
+    tried: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for row in validation:
+        tried[(row["backbone"], row["method"])].append(row["lam"])
+    notes = []
+    for key, lam in chosen.items():
+        values = sorted(tried[key])
+        if len(values) < 2 or values[0] < lam < values[-1]:
+            continue
+        side, direction = ("smallest", "smaller") if lam == values[0] else ("largest", "larger")
+        notes.append(
+            f"{key[0]}/{key[1]}: the chosen λ = {lam:g} is the {side} of its grid ({', '.join(f'{v:g}' for v in values)}); "
+            f"its optimum may lie beyond: add a {direction} λ (e.g. method.lam={lam / 2.5 if side == 'smallest' else lam * 2.5:.3g}) for this method."
+        )
+    return notes
+
+
 def fair_comparison(
     folders: Sequence[str | Path],
     output: str | Path,
@@ -127,9 +155,13 @@ def fair_comparison(
     runs = sweep_runs([Path(f) for f in folders])
     validation = validation_table(runs)
     chosen = choose_lambda(validation)
-    report = FairReport(validation, chosen)
+    report = FairReport(validation, chosen, edges=grid_edges(validation, chosen))
+    for note in report.edges:
+        log.warning("λ at the grid's edge: %s", note)
     report.files["validation_csv"] = write_csv(validation, output / "validation.csv")
-    report.files["validation_md"] = _write_validation_markdown(validation, chosen, output / "validation.md")
+    report.files["validation_md"] = _write_validation_markdown(
+        validation, chosen, output / "validation.md", report.edges
+    )
     report.files["tradeoff"] = tradeoff_figure(validation, chosen, output / "tradeoff.png")
 
     resolved = resolve_device(device)
@@ -150,8 +182,12 @@ def fair_comparison(
     return report
 
 
-def _write_validation_markdown(rows: Sequence[dict[str, Any]], chosen: dict, path: Path) -> Path:
-    header = ["backbone", "method", "λ", "seeds", "val Dice (%) ↑", "mean ‖∇u‖² ↓", "folding (%) ↓", "chosen"]
+def _write_validation_markdown(
+    rows: Sequence[dict[str, Any]], chosen: dict, path: Path, edges: Sequence[str] = ()
+) -> Path:
+    localised = any(math.isfinite(row["auroc_mean"]) for row in rows)
+    header = ["backbone", "method", "λ", "seeds", "val Dice (%) ↑", "mean ‖∇u‖² ↓", "folding (%) ↓"]
+    header += ["AUROC of 1 − Ŝ ↑", "Ŝ in / out of no-corr."] * localised + ["chosen"]
     body = [
         [
             row["backbone"],
@@ -161,11 +197,26 @@ def _write_validation_markdown(rows: Sequence[dict[str, Any]], chosen: dict, pat
             format_mean_std(row["dice_mean"], row["dice_std"], 100.0),
             format_mean_std(row["smoothness_mean"], row["smoothness_std"], 1.0, digits=4),
             format_mean_std(row["folding_pct_mean"], row["folding_pct_std"], 1.0),
+            *(
+                [
+                    format_mean_std(row["auroc_mean"], row["auroc_std"], 1.0, digits=3),
+                    f"{format_mean_std(row['score_nocorr_mean'], math.nan)} / {format_mean_std(row['score_corr_mean'], math.nan)}",
+                ]
+                if localised
+                else []
+            ),
             "✓" if chosen[(row["backbone"], row["method"])] == row["lam"] else "",
         ]
         for row in rows
     ]
-    path.write_text(markdown_table(header, body) + "\n")
+    text = markdown_table(header, body)
+    if edges:
+        text += (
+            "\n**λ at the grid's edge** (extend the grid for these arms):\n\n"
+            + "\n".join(f"- {e}" for e in edges)
+            + "\n"
+        )
+    path.write_text(text + "\n")
     return path
 
 
@@ -226,9 +277,18 @@ def tradeoff_figure(rows: Sequence[dict[str, Any]], chosen: dict, path: Path) ->
 def selection_summary(report: FairReport) -> str:
     """The chosen λ per arm and the test table, as Markdown for logs."""
     lines = ["Chosen λ (validation Dice): " + ", ".join(f"{b}/{m}: {lam:g}" for (b, m), lam in report.chosen.items())]
+    lines += [f"λ at the grid's edge: {note}" for note in report.edges]
     if "comparison_md" in report.files:
         lines.append(report.files["comparison_md"].read_text())
     return "\n".join(lines)
 
 
-__all__ = ["FairReport", "choose_lambda", "fair_comparison", "sweep_runs", "tradeoff_figure", "validation_table"]
+__all__ = [
+    "FairReport",
+    "choose_lambda",
+    "fair_comparison",
+    "grid_edges",
+    "sweep_runs",
+    "tradeoff_figure",
+    "validation_table",
+]

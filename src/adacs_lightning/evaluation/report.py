@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import load_backbone
 from ..errors import AdaCSError, ConfigError
 from .axes import arm_label, arm_overrides, axis_markdown, axis_tables, parameter_plot
-from .cases import METRICS, CaseEvaluator, iterate_pairs
+from .cases import MECHANISM, METRICS, CaseEvaluator, iterate_pairs
 from .runs import Run, data_config, data_key
 from .stats import mean_std, paired_test
 from .tables import format_mean_std, format_p, markdown_table, write_csv
@@ -80,12 +81,18 @@ def evaluate_run(
     loader = _loader(datamodule, split)
     labels = list(labels or getattr(datamodule, "eval_labels", None) or [])
     pairs = iterate_pairs(loader)
+    first = next(pairs, None)
+    if first is None:
+        raise AdaCSError(f"The '{split}' split of the data has no pairs to evaluate.")
+    pairs = iter([first, *pairs])
     if not labels:
-        first = next(pairs)
         labels = [int(v) for v in torch.unique(first["target_label"]).tolist() if v != 0]
-        pairs = iter([first, *pairs])
     names = dict(getattr(datamodule, "label_names", None) or {})
-    evaluator = CaseEvaluator(load_backbone(run.checkpoint, map_location="cpu"), labels, names, device)
+    backbone = load_backbone(run.checkpoint, map_location="cpu")
+    # The whole model, for its weight map against the data's no-correspondence masks and for figures.
+    whole = _figure_model(run, backbone) if figures > 0 or first.get("nocorr") is not None else backbone
+    weighting = whole if whole is not backbone else None
+    evaluator = CaseEvaluator(whole.backbone if weighting is not None else backbone, labels, names, device, weighting)
     head = {
         "run": run.label,
         "backbone": run.backbone,
@@ -94,7 +101,7 @@ def evaluate_run(
         "similarity": run.similarity,
         "data": data_key(data, split),
     }
-    figure_model = _figure_model(run, evaluator.backbone) if figures > 0 else None
+    figure_model = whole if figures > 0 else None
     rows = []
     total = min(len(loader.dataset), max_cases or len(loader.dataset))
     bar = tqdm(
@@ -148,7 +155,9 @@ def _figure_model(run: Run, backbone: torch.nn.Module):
         model.load_state_dict(state, strict=False)
         return model.to(backbone.parameters().__next__().device).eval()
     except Exception as error:  # figures only: fall back to the backbone's panels
-        log.warning("Figures of %s show no score map: the model could not be rebuilt (%s).", run.label, error)
+        log.warning(
+            "%s: no score map for figures or localisation: the model could not be rebuilt (%s).", run.label, error
+        )
         return backbone
 
 
@@ -178,8 +187,8 @@ def summarise(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         first = members[0]
         row = {k: first.get(k) for k in ("run", "backbone", "method", "seed", "similarity", "data")}
         row["n"] = len(members)
-        for metric in ("dice_initial", *METRICS):
-            row[f"{metric}_mean"], row[f"{metric}_std"], _ = mean_std([m[metric] for m in members])
+        for metric in ("dice_initial", *METRICS, *MECHANISM):
+            row[f"{metric}_mean"], row[f"{metric}_std"], _ = mean_std([m.get(metric, math.nan) for m in members])
         rows.append(row)
     return rows
 
@@ -220,7 +229,7 @@ def compare(
     table = []
     for (backbone, method), members in averaged.items():
         row = {"backbone": backbone, "method": method, "runs": len(runs[(backbone, method)]), "n": len(members)}
-        for metric in TABLE_COLUMNS:
+        for metric in (*TABLE_COLUMNS, *MECHANISM):
             row[f"{metric}_mean"], row[f"{metric}_std"], _ = mean_std([m[metric] for m in members.values()])
         table.append(row)
     tests = []
@@ -247,7 +256,7 @@ def compare(
 
 def _seed_average(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The mean of each table metric over the rows (runs) of one case, NaN values left out."""
-    return {metric: mean_std([r[metric] for r in rows])[0] for metric in TABLE_COLUMNS}
+    return {metric: mean_std([r.get(metric, math.nan) for r in rows])[0] for metric in (*TABLE_COLUMNS, *MECHANISM)}
 
 
 def _comparisons(
@@ -295,6 +304,33 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
     return "# Evaluation\n\nMean ± standard deviation over test cases.\n\n" + markdown_table(header, rows)
 
 
+#: Columns of the mechanism table: (heading, scale).
+MECHANISM_COLUMNS = {
+    "auroc": ("AUROC of 1 − Ŝ ↑", 1.0),
+    "score_nocorr": ("Ŝ where no correspondence", 1.0),
+    "score_corr": ("Ŝ elsewhere", 1.0),
+    "dice_near": ("Dice near it (%) ↑", 100.0),
+    "dice_away": ("Dice away from it (%) ↑", 100.0),
+}
+
+
+def mechanism_markdown(table: Sequence[Mapping[str, Any]]) -> str:
+    """Where the test pairs mark voxels without correspondence: does the weight map fall there, and Dice near/away."""
+    if not any(math.isfinite(r.get("dice_near_mean", math.nan)) for r in table):
+        return ""
+    header = ["backbone", "method", *(name for name, _ in MECHANISM_COLUMNS.values())]
+    rows = [
+        [r["backbone"], r["method"]]
+        + [format_mean_std(r[f"{m}_mean"], r[f"{m}_std"], scale) for m, (_, scale) in MECHANISM_COLUMNS.items()]
+        for r in table
+    ]
+    return (
+        "\n\n## Where correspondence is lost\n\nThe test targets' no-correspondence masks: the AUROC of 1 − Ŝ as a "
+        "detector of those voxels (0.5: chance), the mean score inside and outside them, and Dice within 3 voxels "
+        "of them and away from them. Methods without a weight map show –.\n\n" + markdown_table(header, rows)
+    )
+
+
 def comparison_markdown(table: Sequence[Mapping[str, Any]], tests: Sequence[Mapping[str, Any]]) -> str:
     paper = ("dice", "hd95", "asd", "folding_pct")
     header = ["backbone", "method", "runs", "cases", *(TABLE_COLUMNS[m][0] for m in paper)]
@@ -311,6 +347,7 @@ def comparison_markdown(table: Sequence[Mapping[str, Any]], tests: Sequence[Mapp
         "over those runs (column runs).\n\n"
     )
     text += markdown_table(header, rows)
+    text += mechanism_markdown(table)
     if tests:
         header = ["backbone", "method", "vs", "metric", "pairs", "mean difference", "paired t-test p", "Wilcoxon p"]
         rows = [

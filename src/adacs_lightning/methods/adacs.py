@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ..correspondence import CALIBRATIONS, REFERENCE_LEVEL, SCORER_TARGETS, ResidualLevels, shift_min_residual
 from ..errors import ConfigError
 from ..losses import DATA_WEIGHTINGS, masked_mean, scoring_loss
 from ..momentum import MOMENTUM_MODES, MomentumWeight
@@ -81,6 +82,15 @@ class AdaCS(RegistrationModule):
         reference_leak: reproduce the reference code's gradient leak: the scorer's loss re-runs the
             backbone with gradients and does not detach it, and those backbone gradients are kept
             until the backbone's next step (through warm-up B they pile up). Off by default.
+        scorer_target: what ``L_ucs`` weights: ``"residual"`` (the paper: ``r``) or ``"shift_min"``
+            (``r`` after the best local shift of a small patch, :func:`~adacs_lightning.correspondence.shift_min_residual`:
+            misalignment that a small displacement removes keeps its weight; what no nearby
+            displacement removes is scored down).
+        shift_radius, shift_patch: the largest shift (voxels per axis) and the patch (voxels) of ``shift_min``.
+        calibration: ``"fixed"`` (the paper's constants: the scorer sees ``r`` on squared error's scale,
+            κ the similarity's) or ``"data"`` (the residual levels of the last warm-up-A epoch set
+            the scale: the scorer sees ``r·0.02/level`` and ``κ = 1/level`` of the data term, so α, β
+            and κ mean on any data what they meant on the paper's; ``kappa`` must then be None).
         settings: the base module's (:class:`~adacs_lightning.methods.RegistrationModule`): ``lam``,
             ``lr``, ``warmup_epochs`` (``N_w``, 20 here), ``accumulate_grad_batches`` (both networks),
             ``bidirectional`` (the target → source direction is scored by ``g_φ(source)``), ``similarity``,
@@ -103,9 +113,14 @@ class AdaCS(RegistrationModule):
         data_weighting: str = "mean",
         momentum_mode: str = "paper",
         reference_leak: bool = False,
+        scorer_target: str = "residual",
+        shift_radius: int = 2,
+        shift_patch: int = 3,
+        calibration: str = "fixed",
         **settings: Any,
     ) -> None:
         _check_settings(alpha, beta, scorer_lr, score_residual, data_weighting, momentum_mode)
+        _check_target(scorer_target, shift_radius, shift_patch, calibration, kappa, reference_leak)
         super().__init__(backbone, **{"warmup_epochs": 20, **settings})
         self.scorer: nn.Module | None = None
         if scoring:
@@ -117,6 +132,8 @@ class AdaCS(RegistrationModule):
         self.momentum = MomentumWeight(
             gamma=gamma, kappa=self.similarity.kappa if kappa is None else kappa, mode=momentum_mode
         )
+        # Measured over the last warm-up-A epoch (calibration="data"); buffers, so checkpoints hold them.
+        self.levels = ResidualLevels() if calibration == "data" and self.scorer is not None else None
         self._pending = _Cycle()
 
     @property
@@ -195,6 +212,7 @@ class AdaCS(RegistrationModule):
         frozen = phase is Phase.WARMUP_SCORER and not self.hparams.reference_leak
         directions = self._register(batch, frozen=frozen)
         mask = batch.get("mask")
+        self._calibrate(directions, mask)
         score = None
         if phase is not Phase.WARMUP_BACKBONE:
             # One scorer call per step: its detached output weights L_de, its graph serves L_se.
@@ -202,6 +220,49 @@ class AdaCS(RegistrationModule):
         weights = split_batch(score, len(directions))
         loss_de, data, logs = self._backbone_loss(directions, weights, mask, self.hparams.data_weighting)
         return MicroBatch(directions, mask, score, loss_de, data.detach(), logs, batch)
+
+    # ------------------------------------------------------------------ the scorer's target
+    def _scorer_targets(self, directions: list[Direction], mask: Tensor | None, detach: bool = True) -> list[Tensor]:
+        """The maps ``L_ucs`` weights, one per direction ``(B, 1, *spatial)``, in ``r``'s units (not yet rescaled)."""
+        if self.hparams.scorer_target == "residual":
+            return [d.residual.detach() if detach else d.residual for d in directions]
+        radius, patch = self.hparams.shift_radius, self.hparams.shift_patch
+        with torch.no_grad():
+            warped = [self.warp(d.moving, d.output.ddf.detach()) for d in directions]
+            return [
+                shift_min_residual(self.similarity, w, d.fixed, mask, radius, patch) for w, d in zip(warped, directions)
+            ]
+
+    def _on_scorer_scale(self, target: Tensor) -> Tensor:
+        """The target on the scale the paper's α and β were set for: fixed by the similarity, or by the data's level."""
+        if self.levels is None:
+            return self.similarity.on_scorer_scale(target)
+        return target * (REFERENCE_LEVEL / self.levels.scorer)
+
+    def _calibrate(self, directions: list[Direction], mask: Tensor | None) -> None:
+        """``calibration="data"``: observe the last warm-up-A epoch's residuals; fix the levels when scoring starts.
+
+        Without a warm-up A (or when resuming past it unmeasured), the first scored micro-batch is the measurement.
+        """
+        if self.levels is None or self.levels.measured:
+            return
+        last_warmup_epoch = self.current_epoch == self.hparams.warmup_epochs - 1
+        scoring = self.phase is not Phase.WARMUP_BACKBONE
+        if last_warmup_epoch or (scoring and float(self.levels.count) == 0):
+            targets = self._scorer_targets(directions, mask)
+            data = mean_of(masked_mean(d.residual.detach(), mask) for d in directions)
+            self.levels.observe(
+                torch.cat(targets, dim=0),
+                data,
+                None if mask is None else mask.repeat(len(targets), *[1] * (mask.ndim - 1)),
+            )
+        if scoring:
+            self.levels.fix(lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
+            self.momentum.kappa.copy_(1.0 / self.levels.data)
+            rank_zero_info(
+                f"Calibrated to the data: the scorer's target level {float(self.levels.scorer):.4g} "
+                f"(shown to it as {REFERENCE_LEVEL}), κ = 1/{float(self.levels.data):.4g} = {float(self.momentum.kappa):.4g}."
+            )
 
     def _updates_backbone(self) -> bool:
         return self.phase is not Phase.WARMUP_SCORER
@@ -222,7 +283,7 @@ class AdaCS(RegistrationModule):
     def _fused_update(self, terms: MicroBatch, batch_idx: int) -> dict[str, Tensor]:
         opt_backbone, opt_scorer = self._optimisers_pair()
         m, logs = self._update_momentum([terms.mu])
-        loss_se, se_logs = self._scoring_loss(terms, m, [d.residual.detach() for d in terms.directions])
+        loss_se, se_logs = self._scoring_loss(terms, m, self._scorer_targets(terms.directions, terms.mask))
         self._check_finite(batch_idx, {"L_se": loss_se})
         self.manual_backward(loss_se + terms.loss_de if self._updates_backbone() else loss_se)
         if self._updates_backbone():
@@ -268,10 +329,11 @@ class AdaCS(RegistrationModule):
         """
         if self.hparams.reference_leak:
             joint = self.phase is Phase.JOINT
-            return [d.residual for d in (self._register(terms.batch) if joint else terms.directions)]
+            directions = self._register(terms.batch) if joint else terms.directions
+            return self._scorer_targets(directions, terms.mask, detach=False)
         if self.phase is Phase.JOINT and self.hparams.score_residual == "recompute":
-            return [d.residual for d in self._register(terms.batch, frozen=True)]
-        return [d.residual.detach() for d in terms.directions]
+            return self._scorer_targets(self._register(terms.batch, frozen=True), terms.mask)
+        return self._scorer_targets(terms.directions, terms.mask)
 
     def _update_momentum(self, mus: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Fold the cycle's ``μ`` (averaged over data-parallel ranks) into ``m_T``; returns ``m_T`` and its logs.
@@ -290,9 +352,9 @@ class AdaCS(RegistrationModule):
         return m, {"train/mu": torch.stack(mus).mean(), "train/m": m}
 
     def _scoring_loss(self, terms: MicroBatch, m: Tensor, residuals: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """``L_se`` of one micro-batch (residuals on squared error's scale), averaged over directions, and its logs."""
+        """``L_se`` of one micro-batch (targets on the scorer's scale), averaged over directions, and its logs."""
         scores = split_batch(terms.score, len(residuals))
-        residuals = [self.similarity.on_scorer_scale(r) for r in residuals]
+        residuals = [self._on_scorer_scale(r) for r in residuals]
         leak = self.hparams.reference_leak
         losses = [
             scoring_loss(s, r, self.hparams.alpha, self.hparams.beta, m, terms.mask, detach_residual=not leak)
@@ -306,10 +368,42 @@ class AdaCS(RegistrationModule):
             "train/smooth_score": smooth,
             "train/score_mean": mean_of(masked_mean(s.detach(), terms.mask) for s in scores),
         }
+        if self.levels is not None:
+            logs["train/kappa"] = self.momentum.kappa.clone()
         return loss_se, logs
 
     def _uses_grad_scaler(self) -> bool:
         return getattr(self.trainer.precision_plugin, "scaler", None) is not None
+
+
+def _check_target(scorer_target, shift_radius, shift_patch, calibration, kappa, reference_leak) -> None:
+    """Reject scorer-target and calibration settings AdaCS cannot use, naming the setting and a usable value."""
+    if scorer_target not in SCORER_TARGETS:
+        raise ConfigError(
+            "scorer_target", f"must be one of {SCORER_TARGETS}, got {scorer_target!r}.", "The paper's is 'residual'."
+        )
+    if calibration not in CALIBRATIONS:
+        raise ConfigError(
+            "calibration", f"must be one of {CALIBRATIONS}, got {calibration!r}.", "The paper's is 'fixed'."
+        )
+    if shift_radius < 1 or shift_patch < 1 or shift_patch % 2 == 0:
+        raise ConfigError(
+            "shift_radius",
+            f"and shift_patch must be a positive radius and an odd patch, got {shift_radius} and {shift_patch}.",
+            "The default is shift_radius=2, shift_patch=3.",
+        )
+    if calibration == "data" and kappa is not None:
+        raise ConfigError(
+            "kappa",
+            f"is {kappa!r}, but calibration='data' sets κ from the data.",
+            "Set kappa to null (None), or calibration='fixed'.",
+        )
+    if reference_leak and scorer_target != "residual":
+        raise ConfigError(
+            "reference_leak",
+            "reproduces the reference code, whose scorer weights the residual itself.",
+            "Use scorer_target='residual'.",
+        )
 
 
 def _check_settings(alpha, beta, scorer_lr, score_residual, data_weighting, momentum_mode) -> None:

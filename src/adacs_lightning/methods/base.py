@@ -24,7 +24,7 @@ from ..backbones import Backbone, RegistrationOutput, as_backbone
 from ..checkpoint import BACKBONE_CONFIG_KEY, METHOD_KEY, SIMILARITY_KEY
 from ..errors import ConfigError, NonFiniteLossError
 from ..losses import displacement_data_term, gradient_energy, masked_mean
-from ..metrics import dice_per_label, folding_percentage
+from ..metrics import dice_per_label, folding_percentage, localisation
 from ..schedule import Phase
 from ..similarity import Similarity, SquaredError, similarity_from_name
 from ..warping import warp_block
@@ -142,6 +142,10 @@ class RegistrationModule(L.LightningModule):
         self.val_dice = MeanMetric(nan_strategy="ignore")
         self.val_dice_identity = MeanMetric(nan_strategy="ignore")
         self.val_dice_per_label = nn.ModuleDict()
+        # Where the target has no counterpart (batches with ``nocorr``): does the weight map fall there?
+        self.val_localisation = nn.ModuleDict(
+            {name: MeanMetric(nan_strategy="ignore") for name in ("auroc", "score_nocorr", "score_corr")}
+        )
 
     # ------------------------------------------------------------------ what a method defines
     @property
@@ -383,6 +387,12 @@ class RegistrationModule(L.LightningModule):
         log = {"val/residual": self.val_residual, "val/smoothness": self.val_smoothness}
         log["val/displacement"] = self.val_displacement
         log["val/folding_pct"] = self.val_folding
+        if batch.get("nocorr") is not None:
+            weight = self.weight_map(target, residual)
+            if weight is not None:
+                for name, values in localisation(weight, batch["nocorr"], mask).items():
+                    self.val_localisation[name].update(values)
+                    log[f"val/{name}"] = self.val_localisation[name]
 
         labels = None
         if "source_label" in batch and "target_label" in batch:
