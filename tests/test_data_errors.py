@@ -14,11 +14,11 @@ from adacs_lightning.data import (
     DataError,
     FolderDataModule,
     OASISDataModule,
-    SkippedCaseWarning,
 )
 from adacs_lightning.errors import ConfigError
 
 from .helpers.fakes import make_acdc, make_camus_nifti, make_folder, make_oasis, write_nifti
+from .helpers.logs import skipped
 
 
 def acdc_module(root, **kwargs):
@@ -44,13 +44,13 @@ def test_empty_root(tmp_path, module, expected):
         module(str(tmp_path)).setup("fit")
 
 
-def test_missing_frame_is_skipped_listed_and_raised_when_strict(tmp_path):
+def test_missing_frame_is_skipped_listed_and_raised_when_strict(tmp_path, caplog):
     root = make_acdc(tmp_path / "acdc")
     frame = root / "training" / "patient003" / "patient003_frame03.nii.gz"
     frame.unlink()
     run = tmp_path / "run"
     dm = acdc_module(root, output_dir=str(run))
-    with pytest.warns(SkippedCaseWarning, match=r"patient003_frame03.nii.gz: is missing \(Info.cfg gives ES: 3\)"):
+    with skipped(caplog, r"patient003_frame03.nii.gz: is missing \(Info.cfg gives ES: 3\)"):
         dm.setup(None)
     assert all(not i["meta"]["case_id"].startswith("patient003") for d in dm.datasets.values() for i in d)
     (listed,) = json.loads((run / "skipped_cases.json").read_text())
@@ -59,13 +59,13 @@ def test_missing_frame_is_skipped_listed_and_raised_when_strict(tmp_path):
         acdc_module(root, strict=True).setup("fit")
 
 
-def test_missing_label_and_bad_info_cfg(tmp_path):
+def test_missing_label_and_bad_info_cfg(tmp_path, caplog):
     root = make_acdc(tmp_path, training=range(1, 6), testing=())
     (root / "training" / "patient002" / "patient002_frame01_gt.nii.gz").unlink()
     (root / "training" / "patient004" / "Info.cfg").write_text("Group: DCM\n")
-    with pytest.warns(SkippedCaseWarning) as record:
+    with skipped(caplog) as record:
         catalog = acdc_module(root).discover()
-    messages = " ".join(str(w.message) for w in record)
+    messages = " ".join(record)
     assert "patient002_frame01_gt.nii.gz: is missing: no ground truth for the ED frame" in messages
     assert "data.use_labels=false" in messages
     assert "patient004/Info.cfg: has no valid 'ED:' line" in messages
@@ -73,13 +73,13 @@ def test_missing_label_and_bad_info_cfg(tmp_path):
     assert sorted(catalog.units) == ["patient001", "patient003", "patient005"]
 
 
-def test_corrupt_file(tmp_path):
+def test_corrupt_file(tmp_path, caplog):
     root = make_acdc(tmp_path, training=range(1, 6), testing=())
     bad = root / "training" / "patient001" / "patient001_frame01.nii.gz"
     bad.write_bytes(b"this is not an image")
     with pytest.raises(DataError, match=r"patient001_frame01.nii.gz: could not be read as an image .*re-extract"):
         acdc_module(root, strict=True).setup("fit")
-    with pytest.warns(SkippedCaseWarning, match="could not be read"):
+    with skipped(caplog, "could not be read"):
         dm = acdc_module(root)
         dm.setup("fit")
     assert [b.case for b in dm.bad_cases] == ["patient001"]
@@ -114,11 +114,11 @@ def test_3d_config_meets_2d_data_and_back(tmp_path):
         ACDCDataModule(str(tmp_path), spatial_dims=3)
 
 
-def test_camus_frame_that_is_a_sequence(tmp_path):
+def test_camus_frame_that_is_a_sequence(tmp_path, caplog):
     root = make_camus_nifti(tmp_path, patients=range(1, 5))
     frame = root / "database_nifti" / "patient0002" / "patient0002_2CH_ES.nii.gz"
     write_nifti(frame, np.ones((48, 32, 5), np.float32), (0.3, 0.15))
-    with pytest.warns(SkippedCaseWarning, match=r"patient0002_2CH_ES.nii.gz: is 3D .*not the _half_sequence"):
+    with skipped(caplog, r"patient0002_2CH_ES.nii.gz: is 3D .*not the _half_sequence"):
         dm = CAMUSDataModule(str(root), image_size=32, val_fraction=0.25, test_fraction=0.0)
         dm.setup("fit")
     assert [b.case for b in dm.bad_cases] == ["patient0002_2CH"]
@@ -147,10 +147,10 @@ def test_csv_errors(tmp_path):
         FolderDataModule(str(csv_path)).setup("fit")
 
 
-def test_oasis_missing_label_is_skipped(tmp_path):
+def test_oasis_missing_label_is_skipped(tmp_path, caplog):
     root = make_oasis(tmp_path)
     (root / "labelsTr" / "OASIS_0003_0000.nii.gz").unlink()
-    with pytest.warns(SkippedCaseWarning, match=r"OASIS_0003_0000.nii.gz: is missing: OASIS_0003 has no label map"):
+    with skipped(caplog, r"OASIS_0003_0000.nii.gz: is missing: OASIS_0003 has no label map"):
         dm = OASISDataModule(str(root), image_size=16, test_fraction=0.2)
         dm.setup("fit")
     assert all("OASIS_0003" not in i["meta"]["case_id"] for i in dm.datasets["train"])

@@ -16,6 +16,12 @@ class CheckpointWriteError(AdaCSError, OSError):
     """A checkpoint could not be written; the previous file of that name is intact."""
 
 
+def _is_write_failure(error: RuntimeError) -> bool:
+    """Whether torch's serialiser failed writing (a full disk, a quota): ``inline_container.cc … unexpected pos``."""
+    text = str(error)
+    return "inline_container" in text or "unexpected pos" in text or "file write failed" in text
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint I/O, writing next to the destination and renaming.
 
@@ -35,10 +41,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(partial, path)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as a RuntimeError
             partial.unlink(missing_ok=True)
+            if isinstance(error, RuntimeError) and not _is_write_failure(error):
+                raise
+            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
             kept = " The previous checkpoint of that name is intact." if path.is_file() else ""
             raise CheckpointWriteError(
-                f"Could not write the checkpoint {path} ({error.strerror or error}).{kept} Free disk space (or "
+                f"Could not write the checkpoint {path} ({reason}).{kept} Free disk space (or "
                 f"choose a writable folder), then resume from the last complete checkpoint with ckpt_path=."
             ) from error

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,17 @@ def console_main(prog: str, run: Callable[[list[str]], Any], argv: list[str] | N
         run(sys.argv[1:] if argv is None else argv)
     except AdaCSError as error:
         print(f"{prog}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # for bug reports
+            traceback.print_exception(error)
+        print(
+            f"{prog}: Could not write {error.filename or 'an output file'} ({error.strerror}). The files written "
+            "before it are complete; free disk space (or choose another output folder) and run the command again.",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from ..errors import AdaCSError
+from ..errors import AdaCSError, check_writable
 from .common import HelpFormatter, console_main
 
 log = logging.getLogger("adacs_lightning")
@@ -96,6 +96,8 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
         raise AdaCSError(f"--data {args.data} and data={data} disagree: give one.")
     if args.max_cases is not None and args.max_cases < 1:
         raise AdaCSError("--max-cases must be at least 1.")
+    if args.output is not None:
+        check_writable(args.output, "The report folder (-o/--output)", "Give -o a folder you can write to.")
     from ..evaluation.fair import fair_comparison, selection_summary
     from ..evaluation.report import evaluate
 

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from ..choices import EXPORT_FORMATS
-from ..errors import AdaCSError
+from ..errors import AdaCSError, check_writable
 from .common import HelpFormatter, console_main, run_setting
 
 
@@ -53,6 +53,11 @@ def run(argv: list[str] | None = None) -> Path:
                 "ONNX export needs the onnx package (pip install onnx onnxscript); --format export or torchscript "
                 "need nothing more."
             ) from None
+    if args.output.is_dir():
+        raise AdaCSError(
+            f"-o/--output '{args.output}' is a folder: give the file to write, e.g. {args.output / 'net.pt2'}."
+        )
+    check_writable(args.output.parent, "The folder of -o/--output", "Give -o a file in a folder you can write to.")
     import torch
 
     from ..checkpoint import load_backbone

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_writable
 
 CONFIG_PACKAGE = "adacs_lightning.conf"
 #: Files that mark a folder as holding a run of adacs-train.
@@ -197,10 +197,15 @@ def _check_epochs(cfg: DictConfig) -> None:
 
 
 def _check_run_folder(cfg: DictConfig, overrides: list[str]) -> None:
-    """A folder that holds a run is reused only to resume it (``ckpt_path=``) or with ``overwrite=true``."""
+    """The run folder can be written; one that holds a run is reused only to resume it (``ckpt_path=``) or with ``overwrite=true``."""
+    folder = Path(str(cfg.hydra.run.dir))
+    check_writable(
+        folder,
+        "The run folder (hydra.run.dir)",
+        "Choose a folder you can write to with hydra.run.dir=…, or run from a writable working directory.",
+    )
     if not any(o.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for o in overrides):
         return  # a fresh, time-stamped folder
-    folder = Path(str(cfg.hydra.run.dir))
     held = [marker for marker in RUN_MARKERS if (folder / marker).exists()]
     if not held:
         return

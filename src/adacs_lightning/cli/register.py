@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..choices import INTENSITY_MODES
-from ..errors import AdaCSError
+from ..errors import AdaCSError, check_writable
 from .common import HelpFormatter, console_main, run_setting
 
 GRID_CHOICES = ("refuse", "resample")
@@ -106,6 +106,7 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
     """Parse ``argv``, register, write the outputs; returns their paths (folder mode: the reports)."""
     args = build_parser().parse_args(argv)
     _check_arguments(args)
+    check_writable(args.out, "The output folder (--out)", "Give --out a folder you can write to.")
     from ..checkpoint import load_backbone
     from ..evaluation.report import resolve_device
     from ..evaluation.runs import best_checkpoint

@@ -13,12 +13,17 @@ the training stack is imported only once a run starts (:mod:`adacs_lightning.tra
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
+import traceback
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from ..checkpoint_io import CheckpointWriteError
 from ..errors import AdaCSError
 from .overrides import normalise_overrides
 from .preflight import preflight
@@ -38,14 +43,57 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from ..training import train
 
     try:
-        metrics = train(cfg)
+        try:
+            metrics = train(cfg)
+        except OSError as error:
+            if not isinstance(error, AdaCSError) and error.errno not in DISK_FULL:
+                raise
+            raise AdaCSError(disk_full_message(error, _run_dir())) from error
     except AdaCSError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # for bug reports
+            traceback.print_exception(error)
+        if isinstance(error, CheckpointWriteError):
+            error = AdaCSError(disk_full_message(error, _run_dir()))
         print(f"\nadacs-train: {error}", file=sys.stderr)
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             log.error("Job failed: %s", error)
             return float("nan")
         raise SystemExit(2) from None
     return metrics.get(cfg.get("optimized_metric"))
+
+
+#: Write errors that mean the disk (or the user's quota) is full.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _run_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def last_complete_checkpoint(run_dir: Path | None) -> Path | None:
+    """The newest checkpoint of the run (every ``.ckpt`` there is complete: they are written atomically)."""
+    if run_dir is None or not (run_dir / "checkpoints").is_dir():
+        return None
+    found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def disk_full_message(error: BaseException, run_dir: Path | None) -> str:
+    """One paragraph: what could not be written, the last complete checkpoint, and how to resume."""
+    if isinstance(error, CheckpointWriteError):
+        what = str(error).split(" Free disk space")[0]
+    else:
+        name = getattr(error, "filename", None)
+        what = f"Could not write {name or 'a file of the run'} ({getattr(error, 'strerror', None) or error})."
+    checkpoint = last_complete_checkpoint(run_dir)
+    if checkpoint is None:
+        return f"{what} No checkpoint was complete yet: free disk space and start the run again."
+    return (
+        f"{what} The last complete checkpoint is intact: {checkpoint}. Free disk space, then resume with "
+        f"adacs-train ckpt_path={checkpoint} hydra.run.dir={run_dir} (and the same settings as this run)."
+    )
 
 
 _entry = hydra.main(config_path="pkg://adacs_lightning.conf", config_name="config", version_base="1.3")(_hydra_main)

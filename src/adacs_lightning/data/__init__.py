@@ -6,7 +6,7 @@ layouts), preprocess every case once with MONAI and keep it cached.
 """
 
 from .acdc import ACDCDataModule
-from .bad_cases import BadCase, DataError, SkippedCaseWarning
+from .bad_cases import BadCase, DataError
 from .base import FileDataModule, PairDataModule
 from .camus import CAMUSDataModule
 from .folder import FolderDataModule
@@ -28,7 +28,6 @@ __all__ = [
     "PairDataModule",
     "PhantomPair",
     "SimpleITKReader",
-    "SkippedCaseWarning",
     "SyntheticDataModule",
     "SyntheticPairs",
     "make_pair",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,10 +18,6 @@ class DataError(AdaCSError):
     def __init__(self, path: str | Path, problem: str, fix: str = "") -> None:
         self.path, self.problem, self.fix = str(path), problem, fix
         super().__init__(f"{path}: {problem} {fix}".rstrip())
-
-
-class SkippedCaseWarning(UserWarning):
-    """A case was left out of the data set because one of its files cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -43,19 +38,26 @@ class BadCase:
 
 
 def skip_or_raise(case: str, error: DataError, strict: bool) -> BadCase:
-    """Raise ``error`` when ``strict``; otherwise warn and return the record of the skipped case."""
+    """Raise ``error`` when ``strict``; otherwise log it (a warning of the ``adacs_lightning`` logger, which no
+    warnings filter hides) and return the record of the skipped case."""
     if strict:
         raise error
-    warnings.warn(
-        f"Skipping case {case}: {error} (set data.strict=true to stop instead)", SkippedCaseWarning, stacklevel=2
-    )
+    log.warning("Skipping case %s: %s (set data.strict=true to stop instead)", case, error)
     return BadCase.from_error(case, error)
+
+
+def describe(bad: list[BadCase], report: Path | None = None, shown: int = 3) -> str:
+    """The first ``shown`` skipped cases with their file and problem, and where the whole list is."""
+    listed = "; ".join(f"{b.case}: {b.file}: {b.problem}" for b in bad[:shown])
+    more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+    where = f" (all of them in {report})" if report is not None else ""
+    return f"{listed}{more}{where}"
 
 
 def write_report(folder: str | Path | None, name: str, bad: list[BadCase]) -> Path | None:
     """Write the skipped cases to ``folder/name`` (JSON list, empty when none); returns the path."""
     if bad:
-        log.warning("%d case(s) skipped; see %s", len(bad), Path(folder) / name if folder else "the warnings above")
+        log.warning("%d case(s) skipped; see %s", len(bad), Path(folder) / name if folder else "the messages above")
     if folder is None:
         return None
     path = Path(folder) / name

@@ -13,7 +13,7 @@ from monai.utils import ensure_tuple_rep
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..errors import ConfigError
-from .bad_cases import BadCase, write_report
+from .bad_cases import BadCase, describe, write_report
 from .pairs import SPLITS, CachedPairs, Catalog, PairSpec
 
 log = logging.getLogger("adacs_lightning")
@@ -135,6 +135,8 @@ class FileDataModule(PairDataModule):
     """
 
     dataset_name = "files"
+    #: The setting that says where the data is: named when none of it can be used.
+    location_setting = "data.root"
 
     def __init__(
         self,
@@ -195,10 +197,11 @@ class FileDataModule(PairDataModule):
                 continue
             pairs = self.catalog.pairs.get(split, [])
             if not pairs:
+                skipped = f" Skipped: {describe(self.bad_cases, self._report_path())}." if self.bad_cases else ""
                 raise ConfigError(
-                    "data.root",
-                    f"the {self.dataset_name} data set has no usable pair in the '{split}' split.",
-                    "Check the layout and the skipped cases listed above (skipped_cases.json in the run folder).",
+                    self.location_setting,
+                    f"the {self.dataset_name} data set has no usable pair in the '{split}' split.{skipped}",
+                    "Check the layout and the skipped cases.",
                 )
             dataset = CachedPairs(
                 list(self.catalog.units.values()),
@@ -211,10 +214,13 @@ class FileDataModule(PairDataModule):
             )
             self.bad_cases += dataset.bad
             if len(dataset) == 0:
+                if self._writes():
+                    write_report(self.output_dir, "skipped_cases.json", self.bad_cases)
                 raise ConfigError(
-                    "data.root",
-                    f"no pair of the '{split}' split could be loaded ({len(dataset.bad)} case(s) skipped).",
-                    "Fix the files named in the warnings above (also in skipped_cases.json in the run folder).",
+                    self.location_setting,
+                    f"no pair of the '{split}' split could be loaded ({len(dataset.bad)} case(s) skipped: "
+                    f"{describe(dataset.bad, self._report_path())}).",
+                    "Fix or remove those files, then run again.",
                 )
             self._check_one_shape(split, dataset)
             self.datasets[split] = dataset
@@ -224,6 +230,9 @@ class FileDataModule(PairDataModule):
             self.eval_labels = found or None
         if self._writes():
             write_report(self.output_dir, "skipped_cases.json", self.bad_cases)
+
+    def _report_path(self) -> Path | None:
+        return self.output_dir / "skipped_cases.json" if self._writes() else None
 
     def _check_one_shape(self, split: str, dataset: CachedPairs) -> None:
         shapes = dataset.shapes()

@@ -74,6 +74,7 @@ class FolderDataModule(FileDataModule):
     """
 
     dataset_name = "folder"
+    location_setting = "data.csv"
 
     def __init__(
         self,
