@@ -67,6 +67,29 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") ->
     return backbone.eval()
 
 
+def load_method(checkpoint_path: str | Path, config: Any, map_location: str | torch.device = "cpu"):
+    """The whole trained method (backbone with its scorer or variance network, similarity, λ) in eval mode.
+
+    ``config`` is the run's composed config (``.hydra/config.yaml``): its ``method`` and ``backbone``
+    say what to build; the checkpoint's ``state_dict`` fills every network.
+    """
+    if config is None or "method" not in config or "backbone" not in config:
+        raise AdaCSError(
+            f"'{checkpoint_path}' lies in no run folder of adacs-train (no .hydra/config.yaml beside it): the "
+            "method's similarity, λ and scorer cannot be rebuilt. Give the run folder."
+        )
+    model = instantiate(config.method, backbone=instantiate(config.backbone, _convert_="all"))
+    state = torch.load(checkpoint_path, map_location=map_location, weights_only=False)["state_dict"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(("val_", "train_")) for k in missing):
+        raise AdaCSError(
+            f"'{checkpoint_path}' does not match its run's config (missing {list(missing)[:3]}, unexpected "
+            f"{list(unexpected)[:3]}): the checkpoint comes from another run."
+        )
+    model.requires_grad_(False)
+    return model.eval()
+
+
 def save_backbone(checkpoint_path: str | Path, output_path: str | Path) -> Path:
     """Write the backbone part of an ``adacs-train`` checkpoint to ``output_path``.
 

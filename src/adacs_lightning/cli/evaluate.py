@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="which checkpoint of a run folder: the one the run selected (final_checkpoint), the best or the last",
     )
     parser.add_argument(
+        "--refine", type=int, default=0, metavar="N", help="also evaluate each run with N steps of per-pair refinement"
+    )
+    parser.add_argument(
+        "--refine-weights", choices=("score", "none"), default=None, help="score (AdaCS runs' default) or none"
+    )
+    parser.add_argument("--refine-lr", type=float, default=None, help="refinement's learning rate, voxels per step")
+    parser.add_argument("--refine-grid", type=int, default=None, help="refinement's control-point spacing, voxels")
+    parser.add_argument(
         "--reference",
         default=None,
         metavar="LABEL",
@@ -123,6 +131,9 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
         skip_missing=args.skip_missing,
         checkpoint=args.checkpoint,
         reference=args.reference,
+        refine=None
+        if args.refine <= 0
+        else {"steps": args.refine, "weights": args.refine_weights, "lr": args.refine_lr, "grid": args.refine_grid},
     )
     print(report.files["summary_md"].read_text())
     for key in ("comparison_md", "axes_md"):

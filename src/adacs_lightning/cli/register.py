@@ -28,6 +28,9 @@ from ..errors import AdaCSError, check_writable
 from .common import HelpFormatter, console_main, run_setting
 
 GRID_CHOICES = ("refuse", "resample")
+REFINE_WEIGHTS = ("score", "none")
+#: Metrics of the network alone that metrics.csv keeps beside the refined ones (network_<name>).
+NETWORK_COLUMNS = ("dice", "hd95", "asd", "folding_pct")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +91,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-scale", action="store_true", help="feed intensities as they are (no scaling)")
     parser.add_argument("--no-inverse", action="store_true", help="do not compute the inverse displacement")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    refine = parser.add_argument_group("refinement (per-pair optimisation after the network; needs the run folder)")
+    refine.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Adam steps on each pair's displacement (0: the network alone)",
+    )
+    refine.add_argument("--refine-lr", type=float, default=0.1, help="Adam's learning rate, voxels per step")
+    refine.add_argument(
+        "--refine-weights",
+        choices=REFINE_WEIGHTS,
+        default=None,
+        help="weight the data term by the run's score map Ŝ(target) (score) or not (none); default: score for "
+        "AdaCS runs, none otherwise",
+    )
+    refine.add_argument(
+        "--refine-grid", type=int, default=4, help="control-point spacing of the correction, voxels (1: every voxel)"
+    )
     return parser
 
 
@@ -100,6 +122,7 @@ class Options:
     scale: str | None
     device: Any
     args: argparse.Namespace
+    refiner: Any = None
 
 
 def run(argv: list[str] | None = None) -> dict[str, Path]:
@@ -114,7 +137,9 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
     checkpoint = best_checkpoint(args.model) if args.model.is_dir() else args.model
     backbone = load_backbone(checkpoint, map_location="cpu")
     scale = None if args.no_scale else args.intensity or training_intensity(args.model) or "minmax"
-    options = Options(backbone, checkpoint, scale, resolve_device(args.device), args)
+    device = resolve_device(args.device)
+    refiner = build_refiner(args.model, checkpoint, args, device) if args.refine > 0 else None
+    options = Options(backbone, checkpoint, scale, device, args, refiner)
     if args.csv is not None:
         return register_folder(options)
     files, note = register_pair(options, args.source, args.target, args.source_labels, args.target_labels, args.out)
@@ -137,10 +162,40 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise AdaCSError("Give --source and --target (one pair), or --csv with a list of pairs.")
     if args.roi_size is not None and min(args.roi_size) < 1:
         raise AdaCSError("--roi-size must be positive.")
+    if args.refine < 0 or args.refine_lr <= 0 or args.refine_grid < 1:
+        raise AdaCSError("--refine must be ≥ 0, --refine-lr > 0 and --refine-grid ≥ 1.")
     if args.target_labels is not None and args.source_labels is None:
         raise AdaCSError(
             "--target-labels needs --source-labels: the metrics compare the warped source labels with the target's."
         )
+
+
+def build_refiner(model: Path, checkpoint: Path, args: argparse.Namespace, device):
+    """The run's objective for refinement (:class:`~adacs_lightning.refine.Refiner`), from its run folder."""
+    from omegaconf import OmegaConf
+
+    from ..checkpoint import load_method
+    from ..evaluation.runs import best_checkpoint
+    from ..refine import Refiner
+    from .common import run_folder
+
+    folder = run_folder(model)
+    if folder is None:
+        raise AdaCSError(
+            f"--refine needs the run folder of {model} (its .hydra/config.yaml names the similarity, λ and scorer "
+            "the refinement optimises with): give --model the run folder or a checkpoint inside it."
+        )
+    ckpt = checkpoint if str(checkpoint).endswith(".ckpt") else best_checkpoint(folder)
+    method = load_method(ckpt, OmegaConf.load(folder / ".hydra" / "config.yaml"))
+    has_scorer = getattr(method, "scorer", None) is not None
+    weights = args.refine_weights or ("score" if has_scorer else "none")
+    if weights == "score" and not has_scorer:
+        raise AdaCSError(f"--refine-weights score: {folder} trained {method.method_name}, which has no score map.")
+    refiner = Refiner.from_module(method, weights, steps=args.refine, lr=args.refine_lr, grid=args.refine_grid)
+    if refiner.scorer is not None:
+        refiner.scorer.to(device)
+    refiner.weights = weights
+    return refiner
 
 
 def register_pair(
@@ -186,6 +241,8 @@ def register_pair(
         device=options.device,
         roi_size=None if args.roi_size is None else _roi(args.roi_size, ndim),
         inverse=not args.no_inverse,
+        refiner=options.refiner,
+        target_labels=None if target_label_map is None else target_label_map.array,
     )
     seconds = time.perf_counter() - start
     out = Path(out if out is not None else args.out)
@@ -216,8 +273,13 @@ def register_pair(
         "displacement": "LPS millimetres on the target grid; ITK DisplacementFieldTransform / ANTs warp convention",
         "displacement_voxels": "voxels along the target's array axes; source(x + u(x)) ≈ target(x)",
     }
+    if result.refinement is not None:
+        refiner = options.refiner
+        record["refinement"] = {**result.refinement, "weights": refiner.weights, "lr": refiner.lr, "grid": refiner.grid}
     if target_label_map is not None:
         record["metrics"] = _metrics(result.ddf, labels, target_label_map, target, mask)
+        if result.network_ddf is not None:
+            record["metrics_network"] = _metrics(result.network_ddf, labels, target_label_map, target, mask)
     files["record"] = out / f"{args.prefix}registration.json"
     record["files"] = {key: path.name for key, path in files.items()}
     files["record"].write_text(json.dumps(record, indent=2))
@@ -325,7 +387,8 @@ def register_folder(options: Options) -> dict[str, Path]:
             continue
         record = json.loads(written["record"].read_text())
         if "metrics" in record:
-            metrics.append({"case": unit.id, **record["metrics"], "seconds": record["seconds"]})
+            network = {f"network_{k}": v for k, v in record.get("metrics_network", {}).items() if k in NETWORK_COLUMNS}
+            metrics.append({"case": unit.id, **record["metrics"], **network, "seconds": record["seconds"]})
     seconds = time.perf_counter() - start
     reports = {}
     args.out.mkdir(parents=True, exist_ok=True)

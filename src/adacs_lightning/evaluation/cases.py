@@ -101,11 +101,26 @@ class CaseEvaluator:
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def evaluate(self, pair: Mapping[str, Any]) -> dict[str, Any]:
-        """Metrics of one pair from :func:`iterate_pairs` (``source_label``/``target_label`` required)."""
+    def evaluate(self, pair: Mapping[str, Any], refiner=None) -> dict[str, Any]:
+        """Metrics of one pair from :func:`iterate_pairs` (``source_label``/``target_label`` required).
+
+        With a ``refiner`` (:class:`~adacs_lightning.refine.Refiner`) the network's displacement is refined
+        first (``time_ms`` includes it) and the row adds ``objective_before``, ``objective_after``, ``refine_steps``.
+        """
         if "source_label" not in pair or "target_label" not in pair:
             raise ValueError(f"case '{pair.get('case_id')}' has no source_label/target_label to evaluate with")
         ddf, ms = self.register(pair["source"], pair["target"])
+        refined = None
+        if refiner is not None:
+            mask = pair.get("mask")
+            with torch.enable_grad():
+                refined = refiner.refine(
+                    pair["source"].to(self.device),
+                    pair["target"].to(self.device),
+                    ddf,
+                    None if mask is None else mask.to(self.device),
+                )
+            ddf, ms = refined.ddf, ms + 1000.0 * refined.seconds
         spacing = pair.get("spacing")
         if spacing is None and not self._warned_spacing:
             warnings.warn("The data gives no voxel spacing: distances are in voxels (1 mm assumed).", stacklevel=2)
@@ -123,6 +138,13 @@ class CaseEvaluator:
             )
         )
         row["time_ms"] = ms
+        if refined is not None:
+            record = refined.record(0)
+            row.update(
+                objective_before=record["objective_before"],
+                objective_after=record["objective_after"],
+                refine_steps=record["steps"],
+            )
         if pair.get("nocorr") is not None:
             row.update(self._mechanism(pair, ddf))
         return row

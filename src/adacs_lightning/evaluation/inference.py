@@ -30,6 +30,8 @@ class Registration:
     ddf: np.ndarray
     warped_labels: np.ndarray | None = None
     inverse_ddf: np.ndarray | None = None  # (ndim, *spatial): maps the source back onto the target
+    refinement: dict | None = None  # what refinement did (objective before/after, steps, seconds, folding)
+    network_ddf: np.ndarray | None = None  # the network's own displacement, when refined
 
 
 def scale_to_unit(array: np.ndarray, mode: str = "minmax") -> Tensor:
@@ -54,6 +56,8 @@ def register_arrays(
     device: str | torch.device = "cpu",
     roi_size: tuple[int, ...] | None = None,
     inverse: bool = False,
+    refiner=None,
+    target_labels: np.ndarray | None = None,
 ) -> Registration:
     """Register ``source`` onto ``target`` (both ``(*spatial)``, on one grid) with the backbone alone.
 
@@ -64,7 +68,10 @@ def register_arrays(
     the displacement is cropped back to the input's shape. With ``roi_size`` the network runs on
     overlapping windows of that size, blended with Gaussian weights (MONAI's sliding-window
     inference), for images larger than the network can take at once. ``inverse`` also returns the
-    inverse displacement (fixed-point iteration, :func:`invert_displacement`).
+    inverse displacement (fixed-point iteration, :func:`invert_displacement`). A ``refiner``
+    (:class:`~adacs_lightning.refine.Refiner`) then optimises the network's displacement for this pair,
+    on the scaled images, inside the image (not its padding); with ``source_labels`` and
+    ``target_labels`` its label term applies.
     """
     if source.shape != target.shape:
         raise AdaCSError(
@@ -93,6 +100,10 @@ def register_arrays(
             "down-sampling: try --divisible 16 or 32."
         ) from error
     crop = tuple(slice(lo, lo + n) for lo, n in zip(_pad_before(source.shape, divisible), source.shape))
+    network_ddf, refinement = None, None
+    if refiner is not None:
+        network_ddf = ddf[(slice(None), *crop)].numpy().copy()
+        ddf, refinement = _refine(refiner, pair, ddf, pad, source, source_labels, target_labels)
     ddf = ddf[(slice(None), *crop)].contiguous()
     original = torch.as_tensor(source, dtype=torch.float32)[None, None]
     warped = warp_block("bilinear", "border")(original, ddf[None])[0, 0]
@@ -104,7 +115,21 @@ def register_arrays(
         warped_labels = warp_block("nearest", "border")(labels, ddf[None])[0, 0].round().numpy()
         warped_labels = warped_labels.astype(np.asarray(source_labels).dtype)
     inverse_ddf = invert_displacement(ddf[None])[0].numpy() if inverse else None
-    return Registration(warped.numpy(), ddf.numpy(), warped_labels, inverse_ddf)
+    return Registration(warped.numpy(), ddf.numpy(), warped_labels, inverse_ddf, refinement, network_ddf)
+
+
+def _refine(refiner, pair: tuple[Tensor, Tensor], ddf: Tensor, pad, source: np.ndarray, source_labels, target_labels):
+    """The refined padded displacement ``(ndim, *padded)`` and the refinement's record; the padding is masked out."""
+    device = pair[0].device
+    inside = convert_to_tensor(pad(torch.ones((1, *source.shape))), track_meta=False)[None].to(device)
+    labels = {}
+    if source_labels is not None and target_labels is not None:
+        for key, array in (("moving_label", source_labels), ("fixed_label", target_labels)):
+            tensor = torch.as_tensor(np.rint(np.asarray(array, dtype=np.float64)), dtype=torch.float32)[None]
+            labels[key] = convert_to_tensor(pad(tensor), track_meta=False)[None].to(device)
+    with torch.enable_grad():
+        refinement = refiner.refine(*pair, ddf[None].to(device), mask=inside, **labels)
+    return refinement.ddf[0].detach().cpu(), refinement.record(0)
 
 
 def _windowed(backbone: Backbone, moving: Tensor, fixed: Tensor, roi_size: tuple[int, ...]) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_backbone
+from ..checkpoint import load_backbone, load_method
 from ..errors import AdaCSError, ConfigError
 from .axes import arm_label, arm_overrides, axis_markdown, axis_tables, parameter_plot
 from .cases import MECHANISM, METRICS, CaseEvaluator, iterate_pairs
@@ -70,8 +70,12 @@ def evaluate_run(
     max_cases: int | None = None,
     figures: int = 0,
     figure_dir: Path | None = None,
+    refine: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Register every pair of ``split`` with the run's backbone; one row of metrics per case.
+
+    ``refine`` (``steps``, and optionally ``weights``, ``lr``, ``grid``: see :class:`~adacs_lightning.refine.Refiner`)
+    adds a second row per case, the refined displacement's, under the method ``<method>+refine<steps>``.
 
     Rows start with ``run``, ``backbone``, ``method``, ``seed``, ``data`` (the data key) and the
     columns of :class:`~adacs_lightning.evaluation.cases.CaseEvaluator`. With ``figures > 0``
@@ -90,7 +94,8 @@ def evaluate_run(
     names = dict(getattr(datamodule, "label_names", None) or {})
     backbone = load_backbone(run.checkpoint, map_location="cpu")
     # The whole model, for its weight map against the data's no-correspondence masks and for figures.
-    whole = _figure_model(run, backbone) if figures > 0 or first.get("nocorr") is not None else backbone
+    wanted = figures > 0 or first.get("nocorr") is not None or refine is not None
+    whole = _figure_model(run, backbone) if wanted else backbone
     weighting = whole if whole is not backbone else None
     evaluator = CaseEvaluator(whole.backbone if weighting is not None else backbone, labels, names, device, weighting)
     head = {
@@ -102,6 +107,10 @@ def evaluate_run(
         "data": data_key(data, split),
     }
     figure_model = whole if figures > 0 else None
+    refiner, refined_head = None, None
+    if refine is not None:
+        refiner, refined_head = _refiner(run, whole, backbone, refine, evaluator.device), dict(head)
+        refined_head.update(run=f"{run.label}+refine", method=f"{run.method}+refine{refine['steps']}")
     rows = []
     total = min(len(loader.dataset), max_cases or len(loader.dataset))
     bar = tqdm(
@@ -114,6 +123,8 @@ def evaluate_run(
     for index, pair in enumerate(bar):
         try:
             rows.append({**head, **evaluator.evaluate(pair)})
+            if refiner is not None:
+                rows.append({**refined_head, **evaluator.evaluate(pair, refiner)})
         except (ValueError, RuntimeError) as error:  # the network cannot take these images
             raise AdaCSError(
                 f"{run.label} could not register case {pair.get('case_id', index)} of the {split} pairs: "
@@ -145,14 +156,31 @@ def _loader(datamodule, split: str):
     return getter()
 
 
+def _refiner(run: Run, whole, backbone, refine: Mapping[str, Any], device):
+    """The run's objective for refinement; the run must be rebuildable (a run folder with its config)."""
+    from ..refine import Refiner
+
+    if whole is backbone:
+        raise AdaCSError(
+            f"--refine needs the run folder of {run.label} to rebuild its objective (similarity, λ, scorer)."
+        )
+    has_scorer = getattr(whole, "scorer", None) is not None
+    weights = refine.get("weights") or ("score" if has_scorer else "none")
+    if weights == "score" and not has_scorer:
+        weights = "none"  # a run without a score map refines with Ŝ ≡ 1
+    settings = {k: refine[k] for k in ("lr", "grid") if refine.get(k) is not None}
+    refiner = Refiner.from_module(whole, weights, steps=int(refine["steps"]), **settings)
+    if refiner.scorer is not None:
+        refiner.scorer.to(device)
+    return refiner
+
+
 def _figure_model(run: Run, backbone: torch.nn.Module):
     """The whole trained model (with its scorer or variance network) for figures; the backbone if not rebuildable."""
     if run.config is None or not str(run.checkpoint).endswith(".ckpt"):
         return backbone
     try:
-        model = instantiate(run.config.method, backbone=instantiate(run.config.backbone, _convert_="all"))
-        state = torch.load(run.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-        model.load_state_dict(state, strict=False)
+        model = load_method(run.checkpoint, run.config)
         return model.to(backbone.parameters().__next__().device).eval()
     except Exception as error:  # figures only: fall back to the backbone's panels
         log.warning(
@@ -389,6 +417,7 @@ def evaluate(
     skip_missing: bool = False,
     checkpoint: str = "selected",
     reference: str | None = None,
+    refine: Mapping[str, Any] | None = None,
 ) -> Report:
     """Evaluate runs (folders or checkpoints) and write the reports to ``output``.
 
@@ -402,7 +431,8 @@ def evaluate(
 
     Runs of a sweep are labelled by the overrides that differ between them (``adacs method.alpha=0.04``);
     ``axes.md`` tabulates each varying key, and ``parameter.png`` plots Dice against it when one
-    numeric key varies. ``reference`` (a label) is the arm every other is tested against.
+    numeric key varies. ``reference`` (a label) is the arm every other is tested against. ``refine``
+    (see :func:`evaluate_run`) adds each run's refined arm beside its network-only one.
     """
     from .runs import resolve_run
 
@@ -430,9 +460,9 @@ def evaluate(
     for run in resolved:
         config = data_config(run, data, list(overrides), output_dir=output / "data" / _safe(run.label))
         figure_dir = output / "figures" / _safe(run.label)
-        cases += evaluate_run(run, config, labels, target, split, max_cases, figures, figure_dir)
+        cases += evaluate_run(run, config, labels, target, split, max_cases, figures, figure_dir, refine)
     report = Report(cases, summarise(cases))
-    if len(resolved) > 1:
+    if len(resolved) > 1 or refine is not None:
         report.table, report.tests = compare(cases, reference)
     report.files.update(write_reports(report, output))
     report.files.update(_write_axes(cases, {run.label: extra for run, extra in zip(resolved, axes)}, output, split))
