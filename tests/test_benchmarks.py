@@ -47,3 +47,32 @@ def test_dose_response_study_tiny_mode_writes_its_report(tmp_path):
     runs = sorted((out / "runs").glob("*.json"))
     assert len(runs) == 8 and run_command(command, cwd=tmp_path).returncode == 0
     assert sorted((out / "runs").glob("*.json")) == runs
+
+
+@pytest.mark.slow
+def test_refine_benchmark_prints_ratios(tmp_path):
+    command = [sys.executable, str(BENCHMARKS / "refine.py"), "--steps", "0", "3", "--sizes", "2:32", "3:16"]
+    command += ["--repeats", "1", "--json", str(tmp_path / "rows.json")]
+    result = run_command(command, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "× network alone" in result.stdout and "| 3D 16^3 | 3 | 4 |" in result.stdout
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert len(rows) == 2 * 3 and all(r["s_per_pair"] > 0 for r in rows)
+    assert all(r["objective_after"] <= r["objective_before"] for r in rows if r["steps"] > 0)
+
+
+@pytest.mark.slow
+def test_refine_study_tiny_mode_compares_three_arms(tmp_path):
+    out = tmp_path / "refine"
+    command = [sys.executable, str(BENCHMARKS / "refine_study.py"), "--out", str(out), "--tiny", "--seeds", "0"]
+    result = run_command([*command, "--steps", "3"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert {r["arm"] for r in results["rows"]} == {"network", "plain", "score"}
+    assert {(t["a"], t["b"]) for t in results["tests"]} == {
+        ("network", "plain"),
+        ("network", "score"),
+        ("plain", "score"),
+    }
+    assert "| score vs plain | dice |" in (out / "results.md").read_text()
+    assert len(list((out / "models").glob("*.pt"))) == 1  # the trained model is kept for reruns
