@@ -94,20 +94,30 @@ def test_simpleitk_applies_the_written_field_and_gets_the_tools_warped_image(tmp
         + ["--out", str(tmp_path / "out"), "--divisible", "1"]
     )
     assert files["displacement"].name == f"displacement{suffix}"
-    applied = tmp_path / f"sitk_warped{suffix}"
+    ours, inner = assert_simpleitk_reproduces(
+        paths["source"], paths["target"], files, tmp_path / f"sitk_warped{suffix}"
+    )
+    # and the field is not the identity: the warp moved the image
+    source = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["source"])))
+    assert np.corrcoef(source[inner].ravel(), ours[inner].ravel())[0, 1] < 0.999
+
+
+def assert_simpleitk_reproduces(source: Path, target: Path, files: dict, applied: Path):
+    """SimpleITK, in a fresh process, applies the written displacement to the source and gets the tool's warped image.
+
+    Returns the tool's warped array and the inner region compared (ITK pads with 0 outside, the tool with the border).
+    """
     script = subprocess.run(
-        [sys.executable, "-c", SITK_APPLY, str(paths["source"]), str(files["displacement"]), str(paths["target"]), str(applied)],
+        [sys.executable, "-c", SITK_APPLY, str(source), str(files["displacement"]), str(target), str(applied)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert script.returncode == 0, script.stderr
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(applied)))
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(files["warped"])))
-    inner = tuple(slice(3, -3) for _ in range(ndim))  # ITK pads with 0 outside, the tool with the border
+    inner = tuple(slice(3, -3) for _ in range(ours.ndim))
     correlation = np.corrcoef(theirs[inner].ravel(), ours[inner].ravel())[0, 1]
     assert correlation > 0.999, correlation
-    # and the field is not the identity: the warp moved the image
-    source = sitk.GetArrayFromImage(sitk.ReadImage(str(paths["source"])))
-    assert np.corrcoef(source[inner].ravel(), ours[inner].ravel())[0, 1] < 0.999
+    return ours, inner
 
 
 def write_test_image(array: np.ndarray, affine: np.ndarray, path: Path) -> None:

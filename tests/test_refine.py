@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from torch import nn
 
@@ -18,7 +15,7 @@ from adacs_lightning.refine import Refiner, per_pair_data_term
 from adacs_lightning.similarity import SquaredError
 
 from .helpers.runs import make_run_folder
-from .test_interop import AFFINE_2D, SITK_APPLY, blob, write_test_image
+from .test_interop import AFFINE_2D, assert_simpleitk_reproduces, blob, write_test_image
 
 
 def _blobs(shifts, size=48):
@@ -118,16 +115,7 @@ def test_register_refine_writes_fields_simpleitk_applies_and_records_the_objecti
     assert record["weights"] == "score" and record["grid"] == 4 and 1 <= record["steps"] <= 15
     assert record["objective_after"] <= record["objective_before"] and record["seconds"] > 0
     assert record["folding_pct_after"] <= max(record["folding_pct_before"], 0.0) + 1e-9
-    applied = tmp_path / "sitk_warped.nii.gz"
-    script = subprocess.run(
-        [sys.executable, "-c", SITK_APPLY, str(paths["source"]), str(files["displacement"]), str(paths["target"]), str(applied)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert script.returncode == 0, script.stderr
-    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(applied)))
-    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(files["warped"])))
-    inner = (slice(3, -3), slice(3, -3))
-    assert np.corrcoef(theirs[inner].ravel(), ours[inner].ravel())[0, 1] > 0.999
+    assert_simpleitk_reproduces(paths["source"], paths["target"], files, tmp_path / "sitk_warped.nii.gz")
 
 
 def test_register_refine_needs_the_run_folder(tmp_path, capsys):
@@ -157,3 +145,18 @@ def test_eval_shows_network_and_refined_side_by_side(tmp_path, run_folder):
     refined = [c for c in cases if c["method"] == "adacs+refine5"]
     assert all(c["objective_after"] <= c["objective_before"] for c in refined)
     assert "adacs+refine5" in (out / "comparison.md").read_text()
+
+
+def test_one_call_on_a_trained_module_refines_its_backbones_field():
+    from adacs_lightning import AdaCS, register_refined
+
+    from .helpers.training import tiny_backbone
+
+    module = AdaCS(tiny_backbone(), lam=0.05).eval()
+    moving, fixed = _blobs([(2.0, -1.0)], size=32)
+    result = register_refined(module, moving, fixed, steps=10)
+    with torch.no_grad():
+        network = module.backbone(moving, fixed)
+    assert result.ddf.shape == network.shape and not torch.equal(result.ddf, network)
+    assert result.objective_after[0] <= result.objective_before[0]
+    assert all(not p.requires_grad or p.grad is None for p in module.parameters())  # the weights are not trained

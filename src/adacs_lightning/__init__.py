@@ -43,6 +43,8 @@ _EXPORTS = {
     "LogVarianceNetwork": "methods",
     "RegistrationModule": "methods",
     "VarianceWeighted": "methods",
+    "Refiner": "refine",
+    "register_refined": "refine",
     "Phase": "schedule",
     "ScoringNetwork": "scoring",
     "VoxelMorphScorer": "scoring",

@@ -113,8 +113,9 @@ class Refiner:
         weighting: how the map weights the data term (the run's ``data_weighting``: ``normalised``, ``mean``, ``scalar``).
         steps: the most Adam iterations per pair (0 returns the network's field unchanged).
         lr: Adam's learning rate, in voxels (of displacement) per step.
-        grid: control-point spacing in voxels: 1 optimises every voxel's displacement, ``k > 1`` a
-            correction on a grid ``k`` times coarser, interpolated (fewer unknowns, smoother updates).
+        grid: control-point spacing in voxels: 1 optimises every voxel's displacement, ``k > 1`` (default 4)
+            a correction on a grid ``k`` times coarser, interpolated (fewer unknowns, smoother updates;
+            ``benchmarks/refine.py`` compares them per second).
         fold_weight, fold_margin: the folding guard ``fold_weight · mean relu(fold_margin − det J)``.
         label_weight: weight of a Dice loss between warped source labels and target labels (with labels given).
         tolerance, patience: a pair stops once its objective has not fallen by ``tolerance`` (relative) in
@@ -130,7 +131,7 @@ class Refiner:
         weighting: str = "normalised",
         steps: int = 50,
         lr: float = 0.1,
-        grid: int = 1,
+        grid: int = 4,
         fold_weight: float = 1.0,
         fold_margin: float = 0.1,
         label_weight: float = 0.0,
@@ -274,4 +275,33 @@ class Refiner:
         )
 
 
-__all__ = ["REFINE_WEIGHTS", "Refinement", "Refiner", "per_pair_data_term", "per_pair_gradient_energy"]
+def register_refined(
+    module: nn.Module,
+    moving: Tensor,
+    fixed: Tensor,
+    steps: int = 50,
+    weights: str | None = None,
+    mask: Tensor | None = None,
+    **settings,
+) -> Refinement:
+    """One call on a trained method: its backbone's displacement for ``(moving, fixed)``, refined with its objective.
+
+    ``weights``: ``"score"`` (AdaCS's default), ``"none"`` (``Ŝ ≡ 1``); other ``settings`` go to :class:`Refiner`.
+    For a backbone alone, build the objective yourself:
+    ``Refiner(SquaredError(), lam=0.05).refine(moving, fixed, backbone(moving, fixed))``.
+    """
+    weights = weights or ("score" if getattr(module, "scorer", None) is not None else "none")
+    refiner = Refiner.from_module(module, weights, steps=steps, **settings)
+    with torch.no_grad():
+        ddf = module.backbone.eval()(moving, fixed)
+    return refiner.refine(moving, fixed, ddf, mask)
+
+
+__all__ = [
+    "REFINE_WEIGHTS",
+    "Refinement",
+    "Refiner",
+    "per_pair_data_term",
+    "per_pair_gradient_energy",
+    "register_refined",
+]
