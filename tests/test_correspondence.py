@@ -248,3 +248,16 @@ def test_adacs_eval_reports_where_the_score_falls(tmp_path):
     assert not any(np.isfinite(c["auroc"]) for c in baseline)
     markdown = (out / "comparison.md").read_text()
     assert "## Where correspondence is lost" in markdown and "AUROC of 1 − Ŝ" in markdown
+
+
+def test_validation_logs_where_the_score_falls_for_methods_with_a_map(strong_data):
+    logged = {}
+    for scoring in (True, False):
+        L.seed_everything(0, verbose=False)
+        model = AdaCS(tiny_backbone(), scoring=scoring, warmup_epochs=1, lr=1e-3)
+        trainer = tiny_trainer(3)
+        trainer.fit(model, strong_data)
+        logged[scoring] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert 0.0 <= logged[True]["val/auroc"] <= 1.0
+    assert 0.0 <= logged[True]["val/score_nocorr"] <= 1.0 and 0.0 <= logged[True]["val/score_corr"] <= 1.0
+    assert not any(k in logged[False] for k in ("val/auroc", "val/score_nocorr"))  # Ŝ ≡ 1: nothing to localise

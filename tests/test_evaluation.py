@@ -376,6 +376,7 @@ def test_a_two_value_sweep_is_compared_by_what_differs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = (sweep / "sweep_summary.md").read_text()  # every multirun gets one
     assert "method.alpha=0.01" in summary and "method.alpha=0.04" in summary
+    assert "| run | label | seed |" in summary  # two seeds of one arm read apart
     assert re.search(r"\| 0\.01 \| 1 \| \d\.\d{4}", summary), summary  # per-axis values to 4 decimals
     files = evaluate_cli.run([str(sweep / "0"), str(sweep / "1"), "-o", str(tmp_path / "eval"), "--figures", "0"])
     comparison = (tmp_path / "eval" / "comparison.md").read_text()

@@ -59,15 +59,19 @@ def test_tradeoff_figure_plots_folding_only_when_some_run_folds(folding):
 
     rows = tradeoff_rows(folding)
     fig = draw_tradeoff(rows, choose_lambda(rows))
-    smoothness, folds = fig.axes
+    smoothness = fig.axes[0]
     assert len(smoothness.get_lines()) == 2 + 2  # a line per method and a star at each chosen λ
     assert smoothness.get_xscale() == "log" and "λ=0.05" in [t.get_text() for t in smoothness.texts]
+    fig.canvas.draw()
+    labels = [t.get_text() for t in smoothness.get_xticklabels(minor=True) if t.get_text()]
+    assert labels == []  # no minor labels to overlap ("3×10⁻²4×10⁻²")
     if folding:
-        assert folds.axison and len(folds.get_lines()) == 4
+        folds = fig.axes[1]
+        assert len(fig.axes) == 2 and len(folds.get_lines()) == 4
         assert max(x for line in folds.get_lines() for x in line.get_xdata()) == pytest.approx(0.3)
-    else:  # every point would sit on x = 0: the panel says so instead
-        assert not folds.axison and not folds.get_lines()
-        assert any("No folding in any of the 4" in t.get_text() for t in folds.texts)
+    else:  # every point would sit on x = 0: one panel, and its title says why
+        assert len(fig.axes) == 1
+        assert "no folding in any of the 4" in smoothness.get_title()
     plt.close(fig)
 
 

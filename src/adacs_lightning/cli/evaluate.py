@@ -201,8 +201,16 @@ class SweepSummary(Callback):
             return
         metrics = [m for m in ("dice", "residual", "smoothness", "folding_pct") if any(m in r for r in rows)]
         write_csv([{k: v for k, v in r.items() if k != "axes"} for r in rows], sweep_dir / "sweep_summary.csv")
-        header = ["run", "label", *(f"val {m}" for m in metrics)]
-        body = [[r["run"], r["label"], *(f"{r[m]:.4f}" if m in r else "–" for m in metrics)] for r in rows]
+        header = ["run", "label", "seed", *(f"val {m}" for m in metrics)]
+        body = [
+            [
+                r["run"],
+                r["label"],
+                "–" if r["seed"] is None else r["seed"],
+                *(f"{r[m]:.4f}" if m in r else "–" for m in metrics),
+            ]
+            for r in rows
+        ]
         text = "# Sweep\n\nFinal validation metrics of each run (summary.json).\n\n" + markdown_table(header, body)
         tables = axis_tables(rows, metrics)
         if tables:

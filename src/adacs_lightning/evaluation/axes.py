@@ -123,6 +123,16 @@ def sweep_rows(folders: Sequence[Path]) -> list[dict[str, Any]]:
         metrics = {k.removeprefix("val/"): v for k, v in summary.get("metrics", {}).items() if k.startswith("val/")}
         label = " ".join(f"{k}={v}" for k, v in overrides.items()) or folder.name
         rows.append(
-            {"run": folder.name, "label": label, "axes": overrides, **metrics, "best": summary.get("best_score")}
-        )
+            {"run": folder.name, "label": label, "seed": _seed(folder), "axes": overrides, **metrics,
+             "best": summary.get("best_score")}
+        )  # fmt: skip
     return rows
+
+
+def _seed(folder: Path) -> int | None:
+    """The run's seed (its ``.hydra/config.yaml``): runs of one arm differ only in it."""
+    from omegaconf import OmegaConf
+
+    config = folder / ".hydra" / "config.yaml"
+    seed = OmegaConf.select(OmegaConf.load(config), "seed", default=None) if config.is_file() else None
+    return None if seed is None else int(seed)

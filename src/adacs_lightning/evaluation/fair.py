@@ -223,24 +223,27 @@ def _write_validation_markdown(
 def draw_tradeoff(rows: Sequence[dict[str, Any]], chosen: dict):
     """Validation Dice against mean ‖∇u‖² and against folding %, one line per backbone × method over λ.
 
-    When no run folds (every voxel has det J > 0), the folding panel says so instead of stacking every
-    point on x = 0. Returns the matplotlib figure.
+    When no run folds (every voxel has det J > 0), the folding panel is left out and the title says so,
+    instead of stacking every point on x = 0. Returns the matplotlib figure.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         lines[(row["backbone"], row["method"])].append(row)
     folds = any(row["folding_pct_mean"] > 0 for row in rows)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    # Without folding the second panel would stack every point on x = 0: one panel, and the title says so.
+    fig, axes = plt.subplots(1, 2 if folds else 1, figsize=(11 if folds else 6.5, 4.2), squeeze=False)
+    axes = axes[0]
     for index, ((backbone, method), members) in enumerate(sorted(lines.items())):
         members = sorted(members, key=lambda r: r["lam"])
         label = f"{backbone} / {method}" if len({b for b, _ in lines}) > 1 else method
         style = dict(marker="o", linewidth=1.2, color=f"C{index % 10}", label=label)
-        for ax, metric in zip(axes, ("smoothness", "folding_pct") if folds else ("smoothness",)):
+        for ax, metric in zip(axes, ("smoothness", "folding_pct")):
             xs = [m[f"{metric}_mean"] for m in members]
             ys = [100.0 * m["dice_mean"] for m in members]
             ax.plot(xs, ys, **style)
@@ -250,15 +253,18 @@ def draw_tradeoff(rows: Sequence[dict[str, Any]], chosen: dict):
                     ax.plot([x], [y], marker="*", markersize=13, color=style["color"], markeredgecolor="black")
     axes[0].set(xlabel="mean ‖∇u‖² of the displacement (voxels², validation)", ylabel="validation Dice (%)")
     axes[0].set_xscale("log")
-    axes[0].set_title("accuracy against smoothness (★: λ chosen on validation)", fontsize=9)
+    # Labels at 1, 2 and 5 × 10^k in plain numbers: the default minor labels (3×10⁻², 4×10⁻², …) overlap.
+    axes[0].xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axes[0].xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axes[0].xaxis.set_minor_formatter(ticker.NullFormatter())
+    title = "accuracy against smoothness (★: λ chosen on validation)"
+    if not folds:
+        title += f"\nno folding in any of the {len(rows)} method × λ settings (every det J > 0)"
+    axes[0].set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
-    axes[1].set_title("accuracy against folding", fontsize=9)
     if folds:
+        axes[1].set_title("accuracy against folding", fontsize=9)
         axes[1].set(xlabel="folding: voxels with det J ≤ 0 (%, validation)", ylabel="validation Dice (%)")
-    else:
-        axes[1].set_axis_off()
-        message = f"No folding in any of the {len(rows)} method × λ settings:\nevery voxel has det J > 0 (validation)."
-        axes[1].text(0.5, 0.5, message, ha="center", va="center", fontsize=10, transform=axes[1].transAxes)
     fig.tight_layout()
     return fig
 
