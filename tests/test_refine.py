@@ -160,3 +160,13 @@ def test_one_call_on_a_trained_module_refines_its_backbones_field():
     assert result.ddf.shape == network.shape and not torch.equal(result.ddf, network)
     assert result.objective_after[0] <= result.objective_before[0]
     assert all(not p.requires_grad or p.grad is None for p in module.parameters())  # the weights are not trained
+
+
+def test_the_label_term_handles_large_label_values_pair_by_pair():
+    moving, fixed = _blobs([(2.0, 0.0), (0.0, 2.0)], size=32)
+    labels = [(im > 0.5).long() * value for im, value in ((moving, 2035), (fixed, 2035))]
+    refiner = Refiner(SquaredError(), lam=0.05, steps=5, lr=0.2, label_weight=1.0)
+    batched = refiner.refine(moving, fixed, torch.zeros(2, 2, 32, 32), None, *labels)
+    alone = refiner.refine(moving[:1], fixed[:1], torch.zeros(1, 2, 32, 32), None, labels[0][:1], labels[1][:1])
+    torch.testing.assert_close(alone.ddf, batched.ddf[:1], atol=1e-5, rtol=1e-4)
+    assert batched.objective_after[0] < batched.objective_before[0]

@@ -78,8 +78,19 @@ def load_method(checkpoint_path: str | Path, config: Any, map_location: str | to
             f"'{checkpoint_path}' lies in no run folder of adacs-train (no .hydra/config.yaml beside it): the "
             "method's similarity, λ and scorer cannot be rebuilt. Give the run folder."
         )
-    model = instantiate(config.method, backbone=instantiate(config.backbone, _convert_="all"))
-    state = torch.load(checkpoint_path, map_location=map_location, weights_only=False)["state_dict"]
+    try:
+        model = instantiate(config.method, backbone=instantiate(config.backbone, _convert_="all"))
+    except Exception as error:  # Hydra wraps whatever the classes raise
+        cause = error.__cause__ or error
+        raise AdaCSError(
+            f"The method of the run of '{checkpoint_path}' could not be rebuilt from its config: {cause}"
+        ) from cause
+    try:
+        state = torch.load(checkpoint_path, map_location=map_location, weights_only=False)["state_dict"]
+    except Exception as error:  # torch raises several types for a damaged file
+        raise AdaCSError(
+            f"'{checkpoint_path}' could not be read as a checkpoint ({type(error).__name__}: {error})."
+        ) from error
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith(("val_", "train_")) for k in missing):
         raise AdaCSError(

@@ -97,17 +97,21 @@ class ResidualLevels(nn.Module):
     """The data's residual levels over the last epoch of warm-up A, fixed once measured (buffers: checkpointed).
 
     ``scorer``: the mean of the scorer's target map; ``data``: the mean of the backbone's data term
-    (``μ`` with ``Ŝ ≡ 1``). Both are 0 until :meth:`fix` has run.
+    (``μ`` with ``Ŝ ≡ 1``). Both are 0 until :meth:`fix` has run. Under DDP the buffers follow the
+    first process (DDP broadcasts buffers), so the levels are its measurement.
     """
 
     def __init__(self) -> None:
         super().__init__()
         for name in ("scorer_sum", "data_sum", "count", "scorer", "data"):
             self.register_buffer(name, torch.zeros(()))
+        self._measured = False  # cached: once fixed, no device sync per step
 
     @property
     def measured(self) -> bool:
-        return bool(self.scorer > 0)
+        if not self._measured:
+            self._measured = bool(self.scorer > 0)
+        return self._measured
 
     @torch.no_grad()
     def observe(self, scorer_target: Tensor, data_term: Tensor, mask: Tensor | None = None) -> None:

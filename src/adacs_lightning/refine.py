@@ -1,8 +1,10 @@
 """Registration-time refinement: a few steps of per-pair optimisation after the network's guess (docs/interop.md).
 
-The network's displacement is the starting point; Adam then lowers the trained run's own objective
+The network's displacement is the starting point; Adam then lowers the trained run's objective
 for each pair — its similarity, its data weighting with AdaCS's score map ``Ŝ(target)`` (or
-``Ŝ ≡ 1``), ``λ·mean‖∇u‖²``, an optional label term — plus a folding guard, inside the field of view.
+``Ŝ ≡ 1``), ``λ·mean‖∇u‖²`` on the displacement, an optional label term — plus a folding guard,
+inside the field of view. One direction only; a run's velocity penalty (``smoothness_on=velocity``),
+bidirectional training or a backbone's own extra loss are not part of it.
 The network's weights never change. Pairs of a batch are optimised independently (a sum of
 per-pair objectives, Adam elementwise, each pair stopping on its own), so refining a batch gives
 what refining each pair alone gives.
@@ -177,8 +179,11 @@ class Refiner:
         """``Ŝ(fixed)`` ``(B, 1, *spatial)``, no gradient; None without a scorer."""
         if self.scorer is None:
             return None
+        was_training = self.scorer.training
         with torch.no_grad():
-            return self.scorer.eval()(fixed).detach()
+            weight = self.scorer.eval()(fixed).detach()
+        self.scorer.train(was_training)
+        return weight
 
     def objective(
         self,
@@ -197,12 +202,18 @@ class Refiner:
             shortfall = F.relu(self.fold_margin - jacobian_determinant(ddf)).unsqueeze(1)
             total = total + self.fold_weight * _per_pair_mean(shortfall, mask)
         if labels is not None and self.label_weight > 0:
-            moving_label, fixed_label = labels
-            classes = int(max(moving_label.max(), fixed_label.max())) + 1
-            warped = self.warp(one_hot(moving_label.long(), classes).float(), ddf)
-            dice = self.dice(warped, one_hot(fixed_label.long(), classes).float()).flatten(1).mean(1)
-            total = total + self.label_weight * dice
+            total = total + self.label_weight * self._label_term(ddf, *labels)
         return total
+
+    def _label_term(self, ddf: Tensor, moving_label: Tensor, fixed_label: Tensor) -> Tensor:
+        """Dice loss of each pair ``(B,)`` over the labels present in it, renumbered 0…K−1 (label values may be large)."""
+        terms = []
+        for i in range(ddf.shape[0]):
+            values = torch.unique(torch.cat([moving_label[i].flatten(), fixed_label[i].flatten()]))
+            moving, fixed = (torch.searchsorted(values, lab[i : i + 1].long()) for lab in (moving_label, fixed_label))
+            warped = self.warp(one_hot(moving, len(values)).float(), ddf[i : i + 1])
+            terms.append(self.dice(warped, one_hot(fixed, len(values)).float()).mean())
+        return torch.stack(terms)
 
     # ------------------------------------------------------------------ optimisation
     def _field(self, start: Tensor, correction: Tensor) -> Tensor:
@@ -292,8 +303,10 @@ def register_refined(
     """
     weights = weights or ("score" if getattr(module, "scorer", None) is not None else "none")
     refiner = Refiner.from_module(module, weights, steps=steps, **settings)
+    was_training = module.backbone.training
     with torch.no_grad():
         ddf = module.backbone.eval()(moving, fixed)
+    module.backbone.train(was_training)
     return refiner.refine(moving, fixed, ddf, mask)
 
 

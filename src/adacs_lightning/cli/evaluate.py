@@ -104,6 +104,12 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
         raise AdaCSError(f"--data {args.data} and data={data} disagree: give one.")
     if args.max_cases is not None and args.max_cases < 1:
         raise AdaCSError("--max-cases must be at least 1.")
+    if args.refine < 0 or (args.refine_lr is not None and args.refine_lr <= 0) or (args.refine_grid or 1) < 1:
+        raise AdaCSError("--refine must be ≥ 0, --refine-lr > 0 and --refine-grid ≥ 1.")
+    if args.refine and args.choose_lambda:
+        raise AdaCSError(
+            "--choose-lambda compares the networks alone: run adacs-eval --refine on the chosen runs after it."
+        )
     if args.output is not None:
         check_writable(args.output, "The report folder (-o/--output)", "Give -o a folder you can write to.")
     from ..evaluation.fair import fair_comparison, selection_summary

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import inspect
 import json
 import sys
@@ -109,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     refine.add_argument(
         "--refine-grid", type=int, default=4, help="control-point spacing of the correction, voxels (1: every voxel)"
+    )
+    refine.add_argument(
+        "--refine-with-labels",
+        action="store_true",
+        help="let a run trained with a label term use --source-labels/--target-labels while refining (the metrics "
+        "then measure labels the field was fitted to; registration.json says so)",
     )
     return parser
 
@@ -242,7 +249,7 @@ def register_pair(
         roi_size=None if args.roi_size is None else _roi(args.roi_size, ndim),
         inverse=not args.no_inverse,
         refiner=options.refiner,
-        target_labels=None if target_label_map is None else target_label_map.array,
+        target_labels=None if target_label_map is None or not args.refine_with_labels else target_label_map.array,
     )
     seconds = time.perf_counter() - start
     out = Path(out if out is not None else args.out)
@@ -275,7 +282,13 @@ def register_pair(
     }
     if result.refinement is not None:
         refiner = options.refiner
-        record["refinement"] = {**result.refinement, "weights": refiner.weights, "lr": refiner.lr, "grid": refiner.grid}
+        record["refinement"] = {
+            **result.refinement,
+            "weights": refiner.weights,
+            "lr": refiner.lr,
+            "grid": refiner.grid,
+            "labels_used": bool(args.refine_with_labels and target_label_map is not None and refiner.label_weight > 0),
+        }
     if target_label_map is not None:
         record["metrics"] = _metrics(result.ddf, labels, target_label_map, target, mask)
         if result.network_ddf is not None:
@@ -381,6 +394,8 @@ def register_folder(options: Options) -> dict[str, Path]:
                 _path(files.get("mask")),
             )
         except (AdaCSError, ValueError, RuntimeError, OSError) as error:
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a full disk fails every later row too: stop, with the console's paragraph
             # Anything one pair's files cause (a label map on another grid, a torn file): skip the row.
             failed.append({"case": unit.id, "file": files.get("source", ""), "problem": f"{error}"})
             print(f"adacs-register: skipped {unit.id}: {error}", file=sys.stderr)

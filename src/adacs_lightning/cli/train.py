@@ -87,11 +87,14 @@ def disk_full_message(error: BaseException, run_dir: Path | None) -> str:
     else:
         name = getattr(error, "filename", None)
         what = f"Could not write {name or 'a file of the run'} ({getattr(error, 'strerror', None) or error})."
+    cause = getattr(error, "__cause__", None) or error
+    full = getattr(cause, "errno", None) in DISK_FULL or isinstance(cause, RuntimeError)  # torch's full-disk error
+    remedy = "Free disk space" if full else "Fix what the error names (permissions, a read-only disk)"
     checkpoint = last_complete_checkpoint(run_dir)
     if checkpoint is None:
-        return f"{what} No checkpoint was complete yet: free disk space and start the run again."
+        return f"{what} No checkpoint was complete yet: {remedy.lower()} and start the run again."
     return (
-        f"{what} The last complete checkpoint is intact: {checkpoint}. Free disk space, then resume with "
+        f"{what} The last complete checkpoint is intact: {checkpoint}. {remedy}, then resume with "
         f"adacs-train ckpt_path={checkpoint} hydra.run.dir={run_dir} (and the same settings as this run)."
     )
 

@@ -6,7 +6,7 @@ layouts), preprocess every case once with MONAI and keep it cached.
 """
 
 from .acdc import ACDCDataModule
-from .bad_cases import BadCase, DataError
+from .bad_cases import BadCase, DataError, SkippedCaseWarning
 from .base import FileDataModule, PairDataModule
 from .camus import CAMUSDataModule
 from .folder import FolderDataModule
@@ -25,6 +25,7 @@ __all__ = [
     "LABEL_NAMES",
     "Nuisances",
     "OASISDataModule",
+    "SkippedCaseWarning",
     "PairDataModule",
     "PhantomPair",
     "SimpleITKReader",

@@ -20,6 +20,10 @@ class DataError(AdaCSError):
         super().__init__(f"{path}: {problem} {fix}".rstrip())
 
 
+class SkippedCaseWarning(UserWarning):
+    """Kept so that existing imports and warning filters still load; skipped cases are now logged, not warned."""
+
+
 @dataclass(frozen=True)
 class BadCase:
     """A case left out, with the file at fault, what is wrong and how to fix it."""

@@ -197,6 +197,8 @@ class FileDataModule(PairDataModule):
                 continue
             pairs = self.catalog.pairs.get(split, [])
             if not pairs:
+                if self._writes():
+                    write_report(self.output_dir, "skipped_cases.json", self.bad_cases)
                 skipped = f" Skipped: {describe(self.bad_cases, self._report_path())}." if self.bad_cases else ""
                 raise ConfigError(
                     self.location_setting,
@@ -211,6 +213,7 @@ class FileDataModule(PairDataModule):
                 keep_slice=self.keep_slice,
                 max_pairs=self.max_pairs[split],
                 cache_workers=self.cache_workers,
+                regions=self.marks_nocorr,
             )
             self.bad_cases += dataset.bad
             if len(dataset) == 0:
@@ -230,6 +233,11 @@ class FileDataModule(PairDataModule):
             self.eval_labels = found or None
         if self._writes():
             write_report(self.output_dir, "skipped_cases.json", self.bad_cases)
+
+    @property
+    def marks_nocorr(self) -> bool:
+        """Whether the data set marks its targets' voxels without correspondence (``nocorr``)."""
+        return False
 
     def _report_path(self) -> Path | None:
         return self.output_dir / "skipped_cases.json" if self._writes() else None

@@ -2,7 +2,8 @@
 
 The CSV has a header ``source,target`` plus any of ``source_label``, ``target_label``, ``mask``,
 ``target_nocorr`` (a mask of the target voxels without a counterpart in the source: a lesion, a
-resection, an artefact; evaluation measures whether the score map falls there; it may be empty),
+resection, an artefact; evaluation measures whether the score map falls there; an empty cell or an
+empty mask means none),
 ``split`` (train/val/test), ``case`` (an id for messages) and ``subject`` (rows of one subject
 stay in one split). Paths are relative to the CSV's folder (or absolute). Without a ``split``
 column, subjects (or rows) are split at random with the data seed.
@@ -159,6 +160,8 @@ class FolderDataModule(FileDataModule):
         for column in REQUIRED + ("source_label", "target_label", "mask", "target_nocorr"):
             if column not in self.columns:
                 continue
+            if not row.get(column) and column == "target_nocorr":
+                continue  # no lesion marked for this pair: an empty mask
             if not row.get(column):
                 raise DataError(
                     csv_path,
@@ -175,6 +178,10 @@ class FolderDataModule(FileDataModule):
                 )
             files[_KEYS.get(column, column)] = str(file)
         return Unit(case, files)
+
+    @property
+    def marks_nocorr(self) -> bool:
+        return "target_nocorr" in self.columns
 
     # ------------------------------------------------------------------ preprocessing
     def pipeline(self) -> Compose:

@@ -112,6 +112,7 @@ class CachedPairs(Dataset):
             a slice becomes a pair (e.g. only labelled slices).
         max_pairs: keep at most this many pairs (the first ones); None keeps all.
         cache_workers: threads preprocessing the units.
+        regions: the data set marks no-correspondence voxels (``nocorr``): a target without its mask gets an empty one.
     """
 
     def __init__(
@@ -124,11 +125,14 @@ class CachedPairs(Dataset):
         keep_slice: Callable[[dict, dict, PairSpec, int], bool] | None = None,
         max_pairs: int | None = None,
         cache_workers: int = 1,
+        regions: bool = False,
     ) -> None:
         pairs = list(pairs)[:max_pairs] if max_pairs is not None else list(pairs)
         used = {uid for p in pairs for uid in (p.source[0], p.target[0])}
         units = [u for u in units if u.id in used]
         self.unit_index = {u.id: i for i, u in enumerate(units)}
+        # When the data set marks voxels without correspondence, targets without a mask get an empty one.
+        self.regions = regions or any("nocorr" in u.files for u in units)
         records = [{**u.files, "_unit": u.id} for u in units]
         self.cache = CacheDataset(
             records,
@@ -185,6 +189,8 @@ class CachedPairs(Dataset):
             item["mask"] = take(mask).float()
         if "nocorr" in target_unit:  # the target's voxels without a counterpart in the source
             item["nocorr"] = take(target_unit["nocorr"]).float()
+        elif self.regions:
+            item["nocorr"] = torch.zeros_like(item["target"])
         spacing = target_unit["spacing"]
         case_id = pair.case_id if slice_index is None else f"{pair.case_id}_slice{slice_index:02d}"
         ndim = item["target"].ndim - 1

@@ -120,7 +120,7 @@ class AdaCS(RegistrationModule):
         **settings: Any,
     ) -> None:
         _check_settings(alpha, beta, scorer_lr, score_residual, data_weighting, momentum_mode)
-        _check_target(scorer_target, shift_radius, shift_patch, calibration, kappa, reference_leak)
+        _check_target(scorer_target, shift_radius, shift_patch, calibration, kappa, reference_leak, momentum_mode)
         super().__init__(backbone, **{"warmup_epochs": 20, **settings})
         self.scorer: nn.Module | None = None
         if scoring:
@@ -376,7 +376,7 @@ class AdaCS(RegistrationModule):
         return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
 
-def _check_target(scorer_target, shift_radius, shift_patch, calibration, kappa, reference_leak) -> None:
+def _check_target(scorer_target, shift_radius, shift_patch, calibration, kappa, reference_leak, momentum_mode) -> None:
     """Reject scorer-target and calibration settings AdaCS cannot use, naming the setting and a usable value."""
     if scorer_target not in SCORER_TARGETS:
         raise ConfigError(
@@ -397,6 +397,12 @@ def _check_target(scorer_target, shift_radius, shift_patch, calibration, kappa, 
             "kappa",
             f"is {kappa!r}, but calibration='data' sets κ from the data.",
             "Set kappa to null (None), or calibration='fixed'.",
+        )
+    if calibration == "data" and momentum_mode == "reference":
+        raise ConfigError(
+            "calibration",
+            "'data' sets κ for the paper's momentum target cos(π/2·κμ); the reference's cos(π·κμ) reads κ differently.",
+            "Use momentum_mode='paper' with calibration='data', or calibration='fixed'.",
         )
     if reference_leak and scorer_target != "residual":
         raise ConfigError(
