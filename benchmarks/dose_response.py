@@ -208,12 +208,19 @@ def next_lambda(out: Path, dose: str, arm: str, seeds: list[int], tried: list[fl
     return None
 
 
-def choose_lambdas(out: Path, doses, arms, seeds, b: dict, workers: int, grid=LAMBDAS, start=START) -> dict:
-    """``{(dose, arm): [λ tried]}``, the grid of each extended until its validation-best λ is inside it."""
+def choose_lambdas(
+    out: Path, doses, arms, seeds, b: dict, workers: int, grid=LAMBDAS, start=START, rounds: int | None = None
+) -> dict:
+    """``{(dose, arm): [λ tried]}``, the grid of each extended until its validation-best λ is inside it
+    (at most ``rounds`` extensions; the report marks an arm whose best λ is still at its grid's edge)."""
     tried = {(d, a): sorted(start) for d in doses for a in arms}
     pending = list(tried)
+    extensions = 0
     while pending:
         run_all([(out, d, a, lam, s, b) for d, a in pending for lam in tried[(d, a)] for s in seeds], workers)
+        if rounds is not None and extensions >= rounds:
+            break
+        extensions += 1
         extended = []
         for key in pending:
             lam = next_lambda(out, *key, seeds, tried[key], grid)
@@ -300,7 +307,13 @@ def write_report(out: Path, rows: list[dict], grids: dict, seeds: list[int], b: 
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
-        grid = ", ".join(f"{v:g}" for v in grids[(r["dose"], r["arm"])])
+        values = grids[(r["dose"], r["arm"])]
+        edge = (
+            " **edge**"
+            if r["lam"] in (min(values), max(values)) and 0 < LAMBDAS.index(r["lam"]) < len(LAMBDAS) - 1
+            else ""
+        )
+        grid = ", ".join(f"{v:g}" for v in values) + edge
         seed_deltas = " / ".join(f"{d:+.2f}" for d in r.get("seed_deltas", [])) or "–"
         lines.append(
             f"| {r['dose']} | {LABELS.get(r['arm'], r['arm'])} | {r['lam']:g} ({grid}) | {r['dice']:.2f} | "
@@ -349,12 +362,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doses", nargs="+", default=list(DOSES), choices=list(DOSES))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--workers", type=int, default=1, help="trainings at once, one thread each")
+    parser.add_argument(
+        "--extend-rounds", type=int, default=None, help="extend the λ grids at most this often (default: until inside)"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and one λ step: checks the pipeline in seconds")
     args = parser.parse_args(argv)
     b = budget(args.tiny)
     arms = ["baseline", *[a for a in args.arms if a != "baseline"]]
     grid, start = ((START[0],), (START[0],)) if args.tiny else (LAMBDAS, START)
-    grids = choose_lambdas(args.out, args.doses, arms, args.seeds, b, args.workers, grid, start)
+    grids = choose_lambdas(args.out, args.doses, arms, args.seeds, b, args.workers, grid, start, args.extend_rounds)
     rows = []
     for dose in args.doses:
         chosen = {arm: chosen_lambda(args.out, dose, arm, args.seeds, grids[(dose, arm)]) for arm in arms}

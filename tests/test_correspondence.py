@@ -144,7 +144,7 @@ def test_shift_min_removes_misalignment_but_not_a_missing_structure():
         (dict(scorer_target="nearest"), "scorer_target"),
         (dict(calibration="auto"), "calibration"),
         (dict(shift_patch=2), "shift_radius"),
-        (dict(calibration="data", kappa=10.0), "kappa"),
+        (dict(calibration="data", kappa="auto"), "kappa"),
         (dict(scorer_target="shift_min", reference_leak=True), "reference_leak"),
     ],
 )
@@ -170,7 +170,7 @@ def _train(dm, epochs=6, **settings) -> AdaCS:
 def test_data_calibration_measures_warmup_a_and_sets_kappa(strong_data):
     model = _train(strong_data, epochs=3, calibration="data", scorer_target="shift_min")
     levels = model.levels
-    assert levels.measured and float(levels.count) == 2  # the two steps of the last warm-up-A epoch
+    assert levels.measured and levels.observed == 2  # the two steps of the last warm-up-A epoch
     torch.testing.assert_close(model.momentum.kappa, 1.0 / levels.data)
     # The scorer sees its target at the paper's level, whatever the data's.
     target = torch.full((1, 1, 4, 4), float(levels.scorer))

@@ -10,8 +10,8 @@ Two settings of :class:`~adacs_lightning.AdaCS` (docs/method.md, *Calibration* a
 * ``calibration="data"``: the paper's α, β and κ were set for residuals near
   :data:`REFERENCE_LEVEL` (0.02, squared intensity on its echo data). :class:`ResidualLevels`
   measures the data's own level over the last epoch of warm-up A, and the scorer sees
-  ``r · REFERENCE_LEVEL / level`` while κ becomes ``1 / level`` of the data term, so the
-  constants keep their meaning on any data.
+  ``r · REFERENCE_LEVEL / level`` while κ is read on the paper's scale (``κ/50 / level`` of the
+  data term; 50 by default), so the constants keep their meaning on any data.
 """
 
 from __future__ import annotations
@@ -97,14 +97,17 @@ class ResidualLevels(nn.Module):
     """The data's residual levels over the last epoch of warm-up A, fixed once measured (buffers: checkpointed).
 
     ``scorer``: the mean of the scorer's target map; ``data``: the mean of the backbone's data term
-    (``μ`` with ``Ŝ ≡ 1``). Both are 0 until :meth:`fix` has run. Under DDP the buffers follow the
-    first process (DDP broadcasts buffers), so the levels are its measurement.
+    (``μ`` with ``Ŝ ≡ 1``). Both are 0 until :meth:`fix` has run. The running sums are each process's
+    own (not buffers, which DDP would overwrite with the first process's) and are averaged over the
+    processes in :meth:`fix`.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("scorer_sum", "data_sum", "count", "scorer", "data"):
-            self.register_buffer(name, torch.zeros(()))
+        self.register_buffer("scorer", torch.zeros(()))
+        self.register_buffer("data", torch.zeros(()))
+        self._sums: Tensor | None = None  # (scorer sum, data sum), this process's
+        self.observed = 0
         self._measured = False  # cached: once fixed, no device sync per step
 
     @property
@@ -116,18 +119,20 @@ class ResidualLevels(nn.Module):
     @torch.no_grad()
     def observe(self, scorer_target: Tensor, data_term: Tensor, mask: Tensor | None = None) -> None:
         """Add one micro-batch: its scorer target map ``(B, 1, *spatial)`` and its data term (a scalar)."""
-        self.scorer_sum.add_(masked_mean(scorer_target.float(), mask))
-        self.data_sum.add_(data_term.detach().float())
-        self.count.add_(1)
+        values = torch.stack([masked_mean(scorer_target.float(), mask), data_term.detach().float()])
+        self._sums = values if self._sums is None else self._sums + values
+        self.observed += 1
 
     @torch.no_grad()
     def fix(self, reduce=lambda t: t) -> None:
-        """Set the levels from what was observed (``reduce`` averages over data-parallel ranks)."""
-        if float(self.count) == 0:
+        """Set the levels from what was observed; ``reduce`` averages over data-parallel processes (every one calls it)."""
+        if self._sums is None:
             raise RuntimeError("no residual observed to calibrate the scorer with")
         tiny = torch.finfo(torch.float32).tiny
-        self.scorer.copy_(reduce(self.scorer_sum / self.count).clamp_min(tiny))
-        self.data.copy_(reduce(self.data_sum / self.count).clamp_min(tiny))
+        means = reduce(self._sums / self.observed).clamp_min(tiny)
+        self.scorer.copy_(means[0])
+        self.data.copy_(means[1])
+        self._measured = True
 
     def extra_repr(self) -> str:
         return f"scorer={float(self.scorer):.4g}, data={float(self.data):.4g}" if self.measured else "not measured"

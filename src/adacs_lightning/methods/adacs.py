@@ -21,6 +21,7 @@ from ..losses import DATA_WEIGHTINGS, masked_mean, scoring_loss
 from ..momentum import MOMENTUM_MODES, MomentumWeight
 from ..schedule import Phase, phase_at
 from ..scoring import ScoringNetwork
+from ..similarity import SQUARED_ERROR_KAPPA
 from .base import Direction, RegistrationModule, mean_of, split_batch, step
 
 Tensor = torch.Tensor
@@ -89,8 +90,8 @@ class AdaCS(RegistrationModule):
         shift_radius, shift_patch: the largest shift (voxels per axis) and the patch (voxels) of ``shift_min``.
         calibration: ``"fixed"`` (the paper's constants: the scorer sees ``r`` on squared error's scale,
             κ the similarity's) or ``"data"`` (the residual levels of the last warm-up-A epoch set
-            the scale: the scorer sees ``r·0.02/level`` and ``κ = 1/level`` of the data term, so α, β
-            and κ mean on any data what they meant on the paper's; ``kappa`` must then be None).
+            the scale: the scorer sees ``r·0.02/level`` and κ is read on the paper's scale, ``κ/50/level``
+            of the data term (``kappa`` None: 50), so α, β and κ mean on any data what they meant on the paper's).
         settings: the base module's (:class:`~adacs_lightning.methods.RegistrationModule`): ``lam``,
             ``lr``, ``warmup_epochs`` (``N_w``, 20 here), ``accumulate_grad_batches`` (both networks),
             ``bidirectional`` (the target → source direction is scored by ``g_φ(source)``), ``similarity``,
@@ -134,6 +135,8 @@ class AdaCS(RegistrationModule):
         )
         # Measured over the last warm-up-A epoch (calibration="data"); buffers, so checkpoints hold them.
         self.levels = ResidualLevels() if calibration == "data" and self.scorer is not None else None
+        # With calibration="data", κ is read on the paper's scale: 50 (the default) puts b_T = 0 at the measured level.
+        self._kappa_on_paper_scale = float(kappa) if isinstance(kappa, (int, float)) else SQUARED_ERROR_KAPPA
         self._pending = _Cycle()
 
     @property
@@ -169,6 +172,12 @@ class AdaCS(RegistrationModule):
 
     # ------------------------------------------------------------------ schedule
     def on_fit_start(self) -> None:
+        if self.scorer is not None:
+            rank_zero_info(
+                "AdaCS: on the synthetic dose-response study no AdaCS variant beat a λ-tuned baseline on clean pairs; "
+                "it won only where targets had large regions without correspondence (docs/results.md, *Where AdaCS "
+                "helps*). Check your data with adacs-train -m experiment=fair_comparison."
+            )
         warmup, max_epochs = self.hparams.warmup_epochs, self.trainer.max_epochs
         if self.scorer is not None and max_epochs is not None and max_epochs != -1 and max_epochs <= 2 * warmup:
             rank_zero_warn(
@@ -248,7 +257,7 @@ class AdaCS(RegistrationModule):
             return
         last_warmup_epoch = self.current_epoch == self.hparams.warmup_epochs - 1
         scoring = self.phase is not Phase.WARMUP_BACKBONE
-        if last_warmup_epoch or (scoring and float(self.levels.count) == 0):
+        if last_warmup_epoch or (scoring and self.levels.observed == 0):
             targets = self._scorer_targets(directions, mask)
             data = mean_of(masked_mean(d.residual.detach(), mask) for d in directions)
             self.levels.observe(
@@ -258,10 +267,10 @@ class AdaCS(RegistrationModule):
             )
         if scoring:
             self.levels.fix(lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
-            self.momentum.kappa.copy_(1.0 / self.levels.data)
+            self.momentum.kappa.copy_(self._kappa_on_paper_scale / SQUARED_ERROR_KAPPA / self.levels.data)
             rank_zero_info(
                 f"Calibrated to the data: the scorer's target level {float(self.levels.scorer):.4g} "
-                f"(shown to it as {REFERENCE_LEVEL}), κ = 1/{float(self.levels.data):.4g} = {float(self.momentum.kappa):.4g}."
+                f"(shown to it as {REFERENCE_LEVEL}), the data term's {float(self.levels.data):.4g}: κ = {float(self.momentum.kappa):.4g}."
             )
 
     def _updates_backbone(self) -> bool:
@@ -392,11 +401,9 @@ def _check_target(scorer_target, shift_radius, shift_patch, calibration, kappa, 
             f"and shift_patch must be a positive radius and an odd patch, got {shift_radius} and {shift_patch}.",
             "The default is shift_radius=2, shift_patch=3.",
         )
-    if calibration == "data" and kappa is not None:
+    if calibration == "data" and kappa == "auto":
         raise ConfigError(
-            "kappa",
-            f"is {kappa!r}, but calibration='data' sets κ from the data.",
-            "Set kappa to null (None), or calibration='fixed'.",
+            "kappa", "is 'auto', another calibration of κ, but calibration='data' sets it.", "Give a number or null."
         )
     if calibration == "data" and momentum_mode == "reference":
         raise ConfigError(
