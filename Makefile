@@ -24,11 +24,11 @@ train: install
 # Test worker processes (pytest-xdist); each uses one thread.
 WORKERS ?= auto
 
-## The test suite without the slow end-to-end runs, in random order, on every core (under a minute on 2).
+## The test suite without the slow end-to-end runs, in random order, on every core (under 2 minutes on 2).
 test: install
 	$(BIN)/python -m pytest -n $(WORKERS) -m "not slow" $(PYTEST_ARGS)
 
-## The slow end-to-end runs alone (CLI, DDP, notebooks, benchmarks' tiny modes; about 4 minutes on 2 cores).
+## The slow end-to-end runs alone (CLI, DDP, notebooks, benchmarks' tiny modes; about 7 minutes on 2 cores).
 test-slow: install
 	$(BIN)/python -m pytest -n $(WORKERS) -m slow $(PYTEST_ARGS)
 
