@@ -4,3 +4,5 @@
 INTENSITY_MODES = ("minmax", "percentile")
 #: Formats ``adacs-export`` writes.
 EXPORT_FORMATS = ("torchscript", "export", "onnx")
+#: What weights the data term during registration-time refinement: the run's score map, or nothing (``Ŝ ≡ 1``).
+REFINE_WEIGHTS = ("score", "none")

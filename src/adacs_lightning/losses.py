@@ -32,20 +32,23 @@ def squared_residual(warped: Tensor, target: Tensor) -> Tensor:
     return (target - warped).pow(2).mean(dim=1, keepdim=True)
 
 
-def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
+def masked_mean(values: Tensor, mask: Tensor | None = None, per_sample: bool = False) -> Tensor:
     """Mean of ``values`` over the voxels inside ``mask`` (all voxels when ``mask`` is None).
 
     ``values`` ``(B, C, *spatial)`` and ``mask`` ``(B, 1, *spatial)`` broadcast; the
-    mean is taken over the batch, channels and masked voxels together. A mask with
+    mean is taken over the batch, channels and masked voxels together, or, with
+    ``per_sample``, over each sample's channels and voxels (``(B,)``). A mask with
     no voxel inside gives 0 rather than NaN.
     """
     if mask is None:
-        return values.mean()
+        return values.flatten(1).mean(1) if per_sample else values.mean()
     mask = mask.to(values.dtype).expand_as(values)
+    if per_sample:
+        return (values * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def gradient_energy(field: Tensor, mask: Tensor | None = None) -> Tensor:
+def gradient_energy(field: Tensor, mask: Tensor | None = None, per_sample: bool = False) -> Tensor:
     """Mean squared spatial gradient ``mean ‖∇x‖²`` of a field ``(B, C, *spatial)``.
 
     Forward differences along each spatial axis, squared, summed over axes and
@@ -54,17 +57,16 @@ def gradient_energy(field: Tensor, mask: Tensor | None = None) -> Tensor:
     two voxels both lie inside it. For a displacement field this is VoxelMorph's
     ``Grad('l2')`` up to its division by the number of axes (so λ here is ndim times
     that λ); for a score map (C = 1) it is ``L_smooth``. Forward differences, unlike
-    central ones, also penalise a two-voxel checkerboard.
+    central ones, also penalise a two-voxel checkerboard. ``per_sample`` gives each sample's ``(B,)``.
     """
-    total = field.new_zeros(())
+    total = field.new_zeros(field.shape[0]) if per_sample else field.new_zeros(())
     for axis in (a for a in range(2, field.ndim) if field.shape[a] > 1):
         squared = torch.diff(field, dim=axis).pow(2)
-        if mask is None:
-            total = total + squared.mean()
-        else:
+        both_inside = None
+        if mask is not None:
             length = field.shape[axis]
             both_inside = mask.narrow(axis, 0, length - 1) * mask.narrow(axis, 1, length - 1)
-            total = total + masked_mean(squared, both_inside)
+        total = total + masked_mean(squared, both_inside, per_sample)
     return total
 
 

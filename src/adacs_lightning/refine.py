@@ -20,7 +20,7 @@ zero wherever the network's field does not approach folding.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +28,13 @@ from monai.losses import DiceLoss
 from monai.networks.utils import one_hot
 from torch import nn
 
-from .losses import DATA_WEIGHTINGS
+from .choices import REFINE_WEIGHTS
+from .losses import DATA_WEIGHTINGS, gradient_energy, masked_mean
 from .metrics import folding_percentage, jacobian_determinant
 from .similarity import Similarity
 from .warping import warp_block
 
 Tensor = torch.Tensor
-
-#: What weights the data term during refinement: the run's score map, or nothing (``Ŝ ≡ 1``).
-REFINE_WEIGHTS = ("score", "none")
 
 
 @dataclass
@@ -57,7 +55,6 @@ class Refinement:
     folding_before: Tensor
     folding_after: Tensor
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     def record(self, index: int = 0) -> dict[str, float]:
         """One pair's numbers as plain floats (for ``registration.json``)."""
@@ -71,38 +68,19 @@ class Refinement:
         }
 
 
-def _per_pair_mean(values: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of ``values`` ``(B, C, *spatial)`` over each pair's voxels inside ``mask`` ``(B, 1, *spatial)``: ``(B,)``."""
-    if mask is None:
-        return values.flatten(1).mean(1)
-    weight = mask.to(values.dtype).expand_as(values)
-    return (values * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
-
-
-def per_pair_gradient_energy(ddf: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``mean‖∇u‖²`` of each pair ``(B,)``: :func:`~adacs_lightning.losses.gradient_energy`, pair by pair."""
-    total = ddf.new_zeros(ddf.shape[0])
-    for axis in (a for a in range(2, ddf.ndim) if ddf.shape[a] > 1):
-        squared = torch.diff(ddf, dim=axis).pow(2)
-        inside = None
-        if mask is not None:
-            n = ddf.shape[axis]
-            inside = mask.narrow(axis, 0, n - 1) * mask.narrow(axis, 1, n - 1)
-        total = total + _per_pair_mean(squared, inside)
-    return total
-
-
 def per_pair_data_term(residual: Tensor, weight: Tensor | None, mask: Tensor | None, weighting: str) -> Tensor:
     """The data term of each pair ``(B,)``, as :func:`~adacs_lightning.losses.displacement_data_term` weights it."""
     if weighting not in DATA_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {DATA_WEIGHTINGS}, got {weighting!r}")
     if weight is None:
-        return _per_pair_mean(residual, mask)
+        return masked_mean(residual, mask, per_sample=True)
     if weighting == "mean":
-        return _per_pair_mean(weight * residual, mask)
+        return masked_mean(weight * residual, mask, per_sample=True)
     if weighting == "normalised":
-        return _per_pair_mean(weight * residual, mask) / _per_pair_mean(weight, mask).clamp_min(1e-12)
-    return _per_pair_mean(residual, mask) * _per_pair_mean(weight, mask)
+        return masked_mean(weight * residual, mask, per_sample=True) / masked_mean(
+            weight, mask, per_sample=True
+        ).clamp_min(1e-12)
+    return masked_mean(residual, mask, per_sample=True) * masked_mean(weight, mask, per_sample=True)
 
 
 class Refiner:
@@ -197,10 +175,10 @@ class Refiner:
         """The objective of each pair ``(B,)`` at displacement ``ddf``: data + λ·smoothness + folding guard [+ labels]."""
         residual = self.similarity(self.warp(moving, ddf), fixed, mask)
         total = per_pair_data_term(residual, weight, mask, self.weighting)
-        total = total + self.lam * per_pair_gradient_energy(ddf, mask)
+        total = total + self.lam * gradient_energy(ddf, mask, per_sample=True)
         if self.fold_weight > 0:
             shortfall = F.relu(self.fold_margin - jacobian_determinant(ddf)).unsqueeze(1)
-            total = total + self.fold_weight * _per_pair_mean(shortfall, mask)
+            total = total + self.fold_weight * masked_mean(shortfall, mask, per_sample=True)
         if labels is not None and self.label_weight > 0:
             total = total + self.label_weight * self._label_term(ddf, *labels)
         return total
@@ -315,6 +293,5 @@ __all__ = [
     "Refinement",
     "Refiner",
     "per_pair_data_term",
-    "per_pair_gradient_energy",
     "register_refined",
 ]

@@ -18,6 +18,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from ..choices import REFINE_WEIGHTS
 from ..errors import AdaCSError, check_writable
 from .common import HelpFormatter, console_main
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine", type=int, default=0, metavar="N", help="also evaluate each run with N steps of per-pair refinement"
     )
     parser.add_argument(
-        "--refine-weights", choices=("score", "none"), default=None, help="score (AdaCS runs' default) or none"
+        "--refine-weights", choices=REFINE_WEIGHTS, default=None, help="score (AdaCS runs' default) or none"
     )
     parser.add_argument("--refine-lr", type=float, default=None, help="refinement's learning rate, voxels per step")
     parser.add_argument("--refine-grid", type=int, default=None, help="refinement's control-point spacing, voxels")

@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..choices import INTENSITY_MODES
+from ..choices import INTENSITY_MODES, REFINE_WEIGHTS
 from ..errors import AdaCSError, check_writable
 from .common import HelpFormatter, console_main, run_setting
 
 GRID_CHOICES = ("refuse", "resample")
-REFINE_WEIGHTS = ("score", "none")
 #: Metrics of the network alone that metrics.csv keeps beside the refined ones (network_<name>).
 NETWORK_COLUMNS = ("dice", "hd95", "asd", "folding_pct")
 
