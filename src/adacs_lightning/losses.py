@@ -75,7 +75,11 @@ DATA_WEIGHTINGS = ("mean", "normalised", "scalar")
 
 
 def displacement_data_term(
-    residual: Tensor, score: Tensor | None, mask: Tensor | None = None, weighting: str = "mean"
+    residual: Tensor,
+    score: Tensor | None,
+    mask: Tensor | None = None,
+    weighting: str = "mean",
+    per_sample: bool = False,
 ) -> Tensor:
     """Data term of ``L_de`` inside the mask, the score detached; ``Ŝ ≡ 1`` when ``score`` is None.
 
@@ -86,19 +90,20 @@ def displacement_data_term(
     * ``scalar`` (a control): ``mean(r)·mean(sg(Ŝ))``: the shrinkage of ``mean`` without any
       spatial information.
 
-    This is also ``μ_T``, the residual statistic that drives the momentum weight.
+    This is also ``μ_T``, the residual statistic that drives the momentum weight. ``per_sample`` gives
+    each sample's ``(B,)`` (registration-time refinement).
     """
     if weighting not in DATA_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {DATA_WEIGHTINGS}, got {weighting!r}")
     if score is None:
-        return masked_mean(residual, mask)
+        return masked_mean(residual, mask, per_sample)
     score = score.detach()
     if weighting == "mean":
-        return masked_mean(score * residual, mask)
+        return masked_mean(score * residual, mask, per_sample)
     if weighting == "normalised":
-        total = masked_mean(score, mask)
-        return masked_mean(score * residual, mask) / total.clamp_min(torch.finfo(total.dtype).tiny)
-    return masked_mean(residual, mask) * masked_mean(score, mask)
+        total = masked_mean(score, mask, per_sample)
+        return masked_mean(score * residual, mask, per_sample) / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return masked_mean(residual, mask, per_sample) * masked_mean(score, mask, per_sample)
 
 
 def displacement_loss(

@@ -29,7 +29,7 @@ from monai.networks.utils import one_hot
 from torch import nn
 
 from .choices import REFINE_WEIGHTS
-from .losses import DATA_WEIGHTINGS, gradient_energy, masked_mean
+from .losses import DATA_WEIGHTINGS, displacement_data_term, gradient_energy, masked_mean
 from .metrics import folding_percentage, jacobian_determinant
 from .similarity import Similarity
 from .warping import warp_block
@@ -70,17 +70,7 @@ class Refinement:
 
 def per_pair_data_term(residual: Tensor, weight: Tensor | None, mask: Tensor | None, weighting: str) -> Tensor:
     """The data term of each pair ``(B,)``, as :func:`~adacs_lightning.losses.displacement_data_term` weights it."""
-    if weighting not in DATA_WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {DATA_WEIGHTINGS}, got {weighting!r}")
-    if weight is None:
-        return masked_mean(residual, mask, per_sample=True)
-    if weighting == "mean":
-        return masked_mean(weight * residual, mask, per_sample=True)
-    if weighting == "normalised":
-        return masked_mean(weight * residual, mask, per_sample=True) / masked_mean(
-            weight, mask, per_sample=True
-        ).clamp_min(1e-12)
-    return masked_mean(residual, mask, per_sample=True) * masked_mean(weight, mask, per_sample=True)
+    return displacement_data_term(residual, weight, mask, weighting, per_sample=True)
 
 
 class Refiner:
