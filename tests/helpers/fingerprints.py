@@ -68,7 +68,7 @@ def train_run(name: str, tmp_path: Path) -> dict:
     finally:
         torch.set_num_threads(threads)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"state": state, "val_dice": float(trainer.callback_metrics["val/dice"])}
+    return {"state": state, "val_dice": float(trainer.callback_metrics["val/dice"]), "model": model}
 
 
 def differences(expected: dict, actual: dict) -> list[str]:
@@ -99,6 +99,7 @@ def main() -> None:
     for name in args.runs:
         with tempfile.TemporaryDirectory() as tmp:
             result = train_run(name, Path(tmp))
+        result.pop("model")
         if args.write:
             recorded[name] = result
             print(f"{name:18s} val/dice {result['val_dice']:.6f}  recorded")
