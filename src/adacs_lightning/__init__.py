@@ -3,7 +3,8 @@
 Wrap any registration network in one line::
 
     from adacs_lightning import AdaCS
-    model = AdaCS(my_net)          # my_net(moving, fixed) -> displacement
+    model = AdaCS(my_net)          # my_net(moving, fixed) -> displacement; adacs-train's defaults
+    paper = AdaCS.paper(my_net)    # the paper's settings (PAPER), as experiment=paper
     lightning.Trainer(max_epochs=60).fit(model, datamodule)
     registration_net = model.export_backbone()
 
@@ -41,6 +42,8 @@ _EXPORTS = {
     "AdaCS": "methods",
     "ClosedFormRobust": "methods",
     "LogVarianceNetwork": "methods",
+    "PAPER": "methods",
+    "ReferenceAdaCS": "methods",
     "RegistrationModule": "methods",
     "VarianceWeighted": "methods",
     "Refiner": "refine",

@@ -10,8 +10,6 @@ penalties are means over the neighbouring voxel pairs that both lie inside it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 Tensor = torch.Tensor
@@ -106,24 +104,6 @@ def displacement_data_term(
     return masked_mean(residual, mask, per_sample) * masked_mean(score, mask, per_sample)
 
 
-def displacement_loss(
-    residual: Tensor,
-    ddf: Tensor,
-    score: Tensor | None,
-    lam: float,
-    mask: Tensor | None = None,
-    weighting: str = "mean",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``L_de = data term + λ·mean‖∇û‖²`` (the data term as :func:`displacement_data_term`).
-
-    Returns:
-        ``(L_de, data term, displacement smoothness)``, each a scalar.
-    """
-    data = displacement_data_term(residual, score, mask, weighting)
-    smooth = gradient_energy(ddf, mask)
-    return data + lam * smooth, data, smooth
-
-
 def closed_form_score(residual: Tensor, alpha: float) -> Tensor:
     """``S* = clip(1 − r/(2α), 0, 1)``: the pointwise minimiser of ``S·r + α·(1 − S)²`` over ``S ∈ [0, 1]``.
 
@@ -170,34 +150,17 @@ def scoring_loss(
     return ucs + alpha * reg + beta * momentum * smooth, ucs, reg, smooth
 
 
-def momentum_target(mu: Tensor, kappa: Tensor | float) -> Tensor:
-    """``b_T = cos(π/2 · min(κ·μ_T, 1))``, in [0, 1] for ``μ_T ≥ 0`` and ``κ > 0``.
+def beta_nll(residual: Tensor, log_variance: Tensor, beta: float = 0.5, mask: Tensor | None = None) -> Tensor:
+    """β-NLL (Seitzer et al., ICLR 2022): the per-voxel Gaussian NLL weighted by ``sg(σ^{2β})``, mean inside the mask.
 
-    Large residuals (early training) give a small weight, small residuals a weight
-    near 1. Negative products are clamped to 0, so the weight never exceeds 1.
-    """
-    scaled = (kappa * mu).clamp(0.0, 1.0)
-    return torch.cos(0.5 * math.pi * scaled).clamp(0.0, 1.0)  # cos(π/2) is -4e-8 in float32
-
-
-def gaussian_nll(residual: Tensor, log_variance: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Heteroscedastic Gaussian negative log-likelihood ``mean(0.5·(r/σ² + log σ²))`` inside the mask.
+    The per-voxel NLL is ``0.5·(r/σ² + log σ²)`` (the constant ``0.5·log 2π`` left out); ``beta = 0``
+    is the plain heteroscedastic NLL, ``beta = 1`` gives the mean-squared-error gradient to the residual.
 
     Args:
         residual: the squared residual ``r`` ``(B, 1, *spatial)`` (not detached: the backbone learns from it).
         log_variance: the predicted ``log σ²`` ``(B, 1, *spatial)``.
+        beta: the exponent ``β ≥ 0``.
         mask: optional field of view ``(B, 1, *spatial)``.
-
-    The constant ``0.5·log 2π`` is left out.
-    """
-    return masked_mean(_voxel_nll(residual, log_variance), mask)
-
-
-def beta_nll(residual: Tensor, log_variance: Tensor, beta: float = 0.5, mask: Tensor | None = None) -> Tensor:
-    """β-NLL (Seitzer et al., ICLR 2022): the per-voxel NLL weighted by ``sg(σ^{2β})``, mean inside the mask.
-
-    ``beta = 0`` is :func:`gaussian_nll`; ``beta = 1`` gives the mean-squared-error gradient to the
-    residual. Shapes as :func:`gaussian_nll`.
     """
     if beta < 0:
         raise ValueError(f"beta must be non-negative, got {beta}")

@@ -1,4 +1,5 @@
-"""Registration quality measures: label overlap, surface distances and folding of the displacement field."""
+"""Registration quality measures: label overlap, surface distances and folding of the displacement field,
+and :class:`ValidationMetrics`, the epoch means a training run logs at validation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ import torch
 from monai.metrics import compute_dice
 from monai.metrics.utils import get_edge_surface_distance, prepare_spacing
 from monai.networks.utils import one_hot
+from torch import nn
+from torchmetrics import Metric
+from torchmetrics.aggregation import MeanMetric
+
+from .losses import gradient_energy, masked_mean
+from .warping import warp_block
 
 Tensor = torch.Tensor
 
@@ -168,3 +175,85 @@ def dice_near_and_away(
         dice = dice_per_label(warped_label * region, target_label * region, labels)
         results.append(dice.nanmean(dim=1))
     return results[0], results[1]
+
+
+class ValidationMetrics(nn.Module):
+    """The validation means of a training run: torchmetrics ``MeanMetric``s keyed by the names they are logged under.
+
+    :meth:`update` takes one batch's registration and returns the metrics to log; Lightning computes,
+    synchronises across processes and resets them at the epoch's end. Every pair counts once:
+
+    * ``val/residual``, ``val/smoothness`` (``mean‖∇u‖²``), ``val/displacement`` (mean ``|u|``, voxels),
+      ``val/folding_pct``: inside the field of view;
+    * ``val/auroc``, ``val/score_nocorr``, ``val/score_corr`` (:func:`localisation`) for pairs with a
+      no-correspondence mask, of a method with a weight map;
+    * ``val/dice`` (mean over the labels), ``val/dice_identity`` (before registration) and
+      ``val/dice_label<k>`` for pairs with labels.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warp_labels = warp_block("nearest", "border")
+        self.field = nn.ModuleDict({name: MeanMetric() for name in ("residual", "smoothness", "displacement")})
+        self.field["folding_pct"] = MeanMetric()
+        self.localisation = nn.ModuleDict(
+            {name: MeanMetric(nan_strategy="ignore") for name in ("auroc", "score_nocorr", "score_corr")}
+        )
+        self.dice = MeanMetric(nan_strategy="ignore")
+        self.dice_identity = MeanMetric(nan_strategy="ignore")
+        self.dice_per_label = nn.ModuleDict()
+
+    def update(
+        self,
+        ddf: Tensor,
+        residual: Tensor,
+        mask: Tensor | None = None,
+        weight: Tensor | None = None,
+        nocorr: Tensor | None = None,
+        labels: tuple[Tensor, Tensor, Sequence[int]] | None = None,
+    ) -> dict[str, Metric]:
+        """Add one batch; returns ``{logged name: metric}`` for what this batch measured.
+
+        Args:
+            ddf: ``(B, ndim, *spatial)`` displacement in voxels; residual: ``(B, 1, *spatial)`` its ``r``.
+            mask: field of view ``(B, 1, *spatial)``.
+            weight: the method's weight map ``(B, 1, *spatial)`` (None: ``Ŝ ≡ 1``); nocorr: where the
+                target has no counterpart ``(B, 1, *spatial)``.
+            labels: ``(source label, target label, label values)``, the maps ``(B, 1, *spatial)`` integer.
+        """
+        pairs = [slice(i, i + 1) for i in range(ddf.shape[0])]
+
+        def per_pair(values: Tensor, fn=masked_mean) -> Tensor:
+            return torch.stack([fn(values[i], None if mask is None else mask[i]) for i in pairs])
+
+        self.field["residual"].update(per_pair(residual))
+        self.field["smoothness"].update(per_pair(ddf, gradient_energy))
+        self.field["displacement"].update(per_pair(ddf.norm(dim=1, keepdim=True)))
+        self.field["folding_pct"].update(folding_percentage(ddf, mask))
+        logged: dict[str, Metric] = {f"val/{name}": metric for name, metric in self.field.items()}
+        if nocorr is not None and weight is not None:
+            for name, values in localisation(weight, nocorr, mask).items():
+                self.localisation[name].update(values)
+                logged[f"val/{name}"] = self.localisation[name]
+        if labels is not None:
+            logged.update(self._update_dice(ddf, *labels))
+        return logged
+
+    def _update_dice(self, ddf: Tensor, source_label: Tensor, target_label: Tensor, labels: Sequence[int]):
+        # float32 whatever the precision: bf16 cannot hold label values above 256 exactly
+        warped_label = self.warp_labels(source_label.float(), ddf.float()).round().long()
+        dice = dice_per_label(warped_label, target_label, labels)
+        self.dice.update(dice.nanmean(dim=1))
+        self.dice_identity.update(dice_per_label(source_label, target_label, labels).nanmean(dim=1))
+        for column, label in enumerate(labels):
+            self._label_metric(label, dice.device).update(dice[:, column])
+        logged: dict[str, Metric] = {"val/dice_identity": self.dice_identity}
+        logged.update({f"val/dice_label{k}": metric for k, metric in self.dice_per_label.items()})
+        logged["val/dice"] = self.dice
+        return logged
+
+    def _label_metric(self, label: int, device: torch.device) -> MeanMetric:
+        key = str(label)
+        if key not in self.dice_per_label:
+            self.dice_per_label[key] = MeanMetric(nan_strategy="ignore").to(device)
+        return self.dice_per_label[key]

@@ -7,9 +7,22 @@ import math
 import torch
 from torch import nn
 
-from .losses import momentum_target
-
 MOMENTUM_MODES = ("paper", "reference")
+
+
+def momentum_target(mu: torch.Tensor, kappa: torch.Tensor | float) -> torch.Tensor:
+    """The paper's ``b_T = cos(π/2 · min(κ·μ_T, 1))``, in [0, 1] for ``μ_T ≥ 0`` and ``κ > 0``.
+
+    Large residuals (early training) give a small weight, small residuals a weight
+    near 1. Negative products are clamped to 0, so the weight never exceeds 1.
+    """
+    scaled = (kappa * mu).clamp(0.0, 1.0)
+    return torch.cos(0.5 * math.pi * scaled).clamp(0.0, 1.0)  # cos(π/2) is -4e-8 in float32
+
+
+def reference_momentum_target(mu: torch.Tensor, kappa: torch.Tensor | float) -> torch.Tensor:
+    """The reference code's ``b = cos(π·κ·μ)``: no clamp, negative once ``κμ > 1/2``."""
+    return torch.cos(math.pi * kappa * mu)
 
 
 class MomentumWeight(nn.Module):
@@ -73,7 +86,7 @@ class MomentumWeight(nn.Module):
             self.epoch.fill_(epoch)
             step_gamma = torch.tensor(min(self.gamma, 1.0 - 1.0 / (epoch + 1)), dtype=self.value.dtype)
             running = self.epoch_sum / self.epoch_count
-            target = torch.cos(math.pi * self.kappa * running)
+            target = reference_momentum_target(running, self.kappa)
         self.value.copy_(step_gamma * self.value + (1.0 - step_gamma) * target)
         return self.value.clone()
 

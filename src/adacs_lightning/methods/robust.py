@@ -10,7 +10,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses import DATA_WEIGHTINGS, closed_form_score, masked_mean
-from .base import RegistrationModule, mean_of
+from ..objective import mean_of
+from .base import RegistrationModule
+from .settings import WARMUP_EPOCHS
 
 Tensor = torch.Tensor
 
@@ -34,12 +36,20 @@ class ClosedFormRobust(RegistrationModule):
 
     method_name = "robust"
 
-    def __init__(self, backbone: nn.Module, *, alpha: float = 0.02, data_weighting: str = "mean", **settings: Any):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        alpha: float = 0.02,
+        data_weighting: str = "mean",
+        warmup_epochs: int = WARMUP_EPOCHS,
+        **settings: Any,
+    ):
         if alpha <= 0:
             raise ConfigError("alpha", f"must be positive, got {alpha}.", "AdaCS's default is 0.02.")
         if data_weighting not in DATA_WEIGHTINGS[:2]:
             raise ConfigError("data_weighting", f"must be 'mean' or 'normalised', got {data_weighting!r}.")
-        super().__init__(backbone, **settings)
+        super().__init__(backbone, warmup_epochs=warmup_epochs, **settings)
 
     def weight_map(self, fixed: Tensor, residual: Tensor) -> Tensor:
         return closed_form_score(self.similarity.on_scorer_scale(residual), self.hparams.alpha)
@@ -56,7 +66,7 @@ class ClosedFormRobust(RegistrationModule):
         if self.current_epoch >= self.hparams.warmup_epochs:
             weights = [self.weight_map(d.fixed, d.residual) for d in directions]
             logs["train/score_mean"] = mean_of(masked_mean(w, mask) for w in weights)
-        loss, data, backbone_logs = self._backbone_loss(directions, weights, mask, self.hparams.data_weighting)
+        loss, _, backbone_logs = self.objective(directions, weights, mask, self.hparams.data_weighting)
         self._check_finite(batch_idx, {"L_de": loss})
         self._accumulate(loss, cycle, self.optimizers())
         self._log_training({**logs, **backbone_logs}, directions[0].fixed.shape[0])

@@ -18,9 +18,10 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..losses import beta_nll, masked_mean
+from ..objective import mean_of
 from ..schedule import Phase
 from ..scoring import map_unet
-from .base import RegistrationModule, mean_of
+from .base import RegistrationModule
 
 Tensor = torch.Tensor
 
@@ -130,7 +131,7 @@ class VarianceWeighted(RegistrationModule):
                 beta_nll(d.residual, v, self.hparams.beta_nll, mask) for d, v in zip(directions, log_variances)
             )
             logs["train/log_variance"] = mean_of(masked_mean(v.detach(), mask) for v in log_variances)
-        loss, _, backbone_logs = self._backbone_loss(directions, [None] * len(directions), mask, data=nll)
+        loss, _, backbone_logs = self.objective(directions, [None] * len(directions), mask, data=nll)
         self._check_finite(batch_idx, {"loss": loss})
         self._accumulate(loss, cycle, self.optimizers())
         self._log_training({**logs, **backbone_logs, "train/loss": loss}, directions[0].fixed.shape[0])

@@ -1,0 +1,193 @@
+"""The registration network's objective, shared by every method, by evaluation and by refinement (docs/method.md).
+
+A functional core of tensor functions (the dissimilarity map of a warped image, the smoothness of a
+field, the label term, the sum over a micro-batch's directions) and :class:`BackboneObjective`,
+which holds one run's settings (similarity, ``λ``, the field ``λ`` penalises, the label weight)
+and calls them. Methods differ only in the weight maps they pass in.
+
+Shapes: images ``(B, C, *spatial)``; a dissimilarity map ``r`` ``(B, 1, *spatial)``; displacements
+``(B, ndim, *spatial)`` in voxels; an optional field-of-view ``mask`` ``(B, 1, *spatial)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from monai.networks.utils import one_hot
+from torch import nn
+
+from .backbones import RegistrationOutput
+from .losses import displacement_data_term, gradient_energy
+from .similarity import Similarity
+from .warping import warp_block
+
+Tensor = torch.Tensor
+
+#: Which field ``λ`` penalises: the displacement, or the velocity before integration (the reference).
+SMOOTHNESS_TARGETS = ("displacement", "velocity")
+
+
+@dataclass
+class Direction:
+    """One registration direction of a micro-batch: what it warps onto what, and how well.
+
+    ``residual`` is the similarity's dissimilarity map ``r`` ``(B, 1, *spatial)``; labels are
+    ``(B, 1, *spatial)`` integer maps when the batch has them (for label supervision only).
+    """
+
+    moving: Tensor
+    fixed: Tensor
+    output: RegistrationOutput
+    residual: Tensor
+    moving_label: Tensor | None = None
+    fixed_label: Tensor | None = None
+
+
+# ---------------------------------------------------------------------- the functional core
+def mean_of(values: Iterable[Tensor]) -> Tensor:
+    """The mean of scalar tensors (the tensor itself when there is one, so one direction adds no rounding)."""
+    values = list(values)
+    return values[0] if len(values) == 1 else torch.stack(values).mean()
+
+
+def split_batch(stacked: Tensor | None, parts: int) -> list[Tensor | None]:
+    """A map computed for ``parts`` directions at once ``(parts·B, …)``, back as one ``(B, …)`` per direction."""
+    return [None] * parts if stacked is None else list(stacked.chunk(parts, dim=0))
+
+
+def field_smoothness(output: RegistrationOutput, mask: Tensor | None, on: str = "displacement") -> Tensor:
+    """``mean‖∇u‖²`` of the displacement, or (``on="velocity"``) of the velocity on its integration grid, inside the mask."""
+    if on == "displacement" or output.velocity is None:
+        return gradient_energy(output.ddf, mask)
+    velocity = output.velocity
+    if mask is not None and mask.shape[2:] != velocity.shape[2:]:
+        mask = F.interpolate(mask.float(), size=tuple(velocity.shape[2:]), mode="nearest")
+    return gradient_energy(velocity, mask)
+
+
+def label_dice_loss(dice: DiceLoss, warp: nn.Module, moving_label: Tensor, fixed_label: Tensor, ddf: Tensor) -> Tensor:
+    """``dice`` (a MONAI Dice loss) between the one-hot moving labels warped by ``ddf`` and the fixed labels.
+
+    Labels are ``(B, 1, *spatial)`` integer maps, one-hot over ``0…max``; the warp is ``warp``
+    (bilinear: differentiable in the displacement).
+    """
+    classes = int(max(moving_label.max(), fixed_label.max())) + 1
+    moving = one_hot(moving_label.long(), classes).float()
+    return dice(warp(moving, ddf.float()), one_hot(fixed_label.long(), classes).float())
+
+
+def directions_of(
+    similarity: Similarity,
+    warp: nn.Module,
+    source: Tensor,
+    target: Tensor,
+    to_target: RegistrationOutput,
+    to_source: RegistrationOutput | None = None,
+    mask: Tensor | None = None,
+    labels: tuple[Tensor | None, Tensor | None] = (None, None),
+) -> list[Direction]:
+    """``to_target`` warps the source onto the target; ``to_source`` (bidirectional) the target onto the source."""
+    pairs = [(source, target, to_target, *labels)]
+    if to_source is not None:
+        pairs.append((target, source, to_source, labels[1], labels[0]))
+    return [
+        Direction(moving, fixed, out, similarity(warp(moving, out.ddf), fixed, mask), ml, fl)
+        for moving, fixed, out, ml, fl in pairs
+    ]
+
+
+def data_terms(
+    directions: Sequence[Direction],
+    weights: Sequence[Tensor | None],
+    mask: Tensor | None,
+    weighting: str = "mean",
+) -> Tensor:
+    """The weighted data term averaged over directions (:func:`~adacs_lightning.losses.displacement_data_term`)."""
+    return mean_of(displacement_data_term(d.residual, w, mask, weighting) for d, w in zip(directions, weights))
+
+
+# ---------------------------------------------------------------------- one run's objective
+class BackboneObjective(nn.Module):
+    """The backbone's loss ``data term + λ·smoothness [+ the network's own loss] [+ label_weight·Dice loss]``.
+
+    Holds the similarity ``r`` (MONAI-based maps, :mod:`~adacs_lightning.similarity`), the warps
+    (MONAI ``Warp``), ``λ``, the field ``λ`` penalises and the label term's weight; a method
+    passes the maps that weight each direction's residual.
+
+    Args:
+        similarity: the dissimilarity map.
+        lam: weight ``λ`` of the smoothness penalty.
+        smoothness_on: ``"displacement"`` or ``"velocity"`` (the field before integration, on its grid).
+        label_weight: weight of a MONAI Dice loss between warped source and target labels (0: off).
+    """
+
+    def __init__(
+        self, similarity: Similarity, lam: float, smoothness_on: str = "displacement", label_weight: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.similarity = similarity
+        self.lam, self.smoothness_on, self.label_weight = float(lam), smoothness_on, float(label_weight)
+        self.warp = warp_block("bilinear", "border")
+        self.dice = DiceLoss(include_background=False) if label_weight > 0 else None
+
+    @property
+    def uses_labels(self) -> bool:
+        return self.dice is not None
+
+    def residual(self, moving: Tensor, fixed: Tensor, ddf: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``r`` ``(B, 1, *spatial)`` of ``moving`` warped by ``ddf`` against ``fixed``."""
+        return self.similarity(self.warp(moving, ddf), fixed, mask)
+
+    def directions(
+        self,
+        source: Tensor,
+        target: Tensor,
+        to_target: RegistrationOutput,
+        to_source: RegistrationOutput | None = None,
+        mask: Tensor | None = None,
+        labels: tuple[Tensor | None, Tensor | None] = (None, None),
+    ) -> list[Direction]:
+        """The micro-batch's directions with their maps (:func:`directions_of`)."""
+        return directions_of(self.similarity, self.warp, source, target, to_target, to_source, mask, labels)
+
+    def smoothness(self, output: RegistrationOutput, mask: Tensor | None) -> Tensor:
+        return field_smoothness(output, mask, self.smoothness_on)
+
+    def label_term(self, direction: Direction) -> Tensor | None:
+        """The Dice loss of one direction's warped labels; None without labels or a label weight."""
+        if self.dice is None or direction.moving_label is None or direction.fixed_label is None:
+            return None
+        return label_dice_loss(self.dice, self.warp, direction.moving_label, direction.fixed_label, direction.output.ddf)
+
+    def forward(
+        self,
+        directions: Sequence[Direction],
+        weights: Sequence[Tensor | None],
+        mask: Tensor | None,
+        weighting: str = "mean",
+        data: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """``(loss, data term μ, terms to log)`` averaged over directions.
+
+        The data term weights each direction's residual by its map in ``weights`` (detached; None
+        for ``Ŝ ≡ 1``) as ``weighting`` says, unless a method passes its own ``data``.
+        """
+        if data is None:
+            data = data_terms(directions, weights, mask, weighting)
+        smooth = mean_of(self.smoothness(d.output, mask) for d in directions)
+        loss = data + self.lam * smooth
+        logs = {"train/data": data, "train/smooth_ddf": smooth}
+        extras = [d.output.extra_loss for d in directions if d.output.extra_loss is not None]
+        if extras:
+            loss = loss + mean_of(extras)
+            logs["train/backbone_extra"] = mean_of(extras)
+        label_terms = [t for t in (self.label_term(d) for d in directions) if t is not None]
+        if label_terms:
+            loss = loss + self.label_weight * mean_of(label_terms)
+            logs["train/label_dice_loss"] = mean_of(label_terms)
+        logs["train/loss_de"] = loss
+        return loss, data, logs
