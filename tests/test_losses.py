@@ -9,14 +9,13 @@ from adacs_lightning.losses import (
     closed_form_score,
     correspondence_loss,
     displacement_data_term,
-    displacement_loss,
     gradient_energy,
     masked_mean,
-    momentum_target,
     score_regulariser,
     scoring_loss,
     squared_residual,
 )
+from adacs_lightning.momentum import momentum_target
 
 
 def test_squared_residual_is_channel_mean_of_squares():
@@ -65,16 +64,24 @@ def test_gradient_energy_inside_a_mask():
     assert gradient_energy(changed, mask).item() == pytest.approx(gradient_energy(field, mask).item())
 
 
-def test_displacement_loss_hand_computed():
+def test_backbone_objective_hand_computed():
+    """L_de = data term + λ·smoothness, through the objective every method uses."""
+    from adacs_lightning.backbones import RegistrationOutput
+    from adacs_lightning.objective import BackboneObjective, Direction
+    from adacs_lightning.similarity import SquaredError
+
     residual = torch.tensor([[[[0.2, 0.4]]]])
     score = torch.tensor([[[[0.5, 1.0]]]])
     ddf = torch.zeros(1, 2, 1, 2)
     ddf[0, 0, 0, 1] = 1.0  # one step of 1 along x in channel 0 → energy (1² over 1 difference)/2 channels
-    total, data, smooth = displacement_loss(residual, ddf, score, lam=0.1)
+    image = torch.zeros(1, 1, 1, 2)
+    direction = Direction(image, image, RegistrationOutput(ddf), residual)
+    objective = BackboneObjective(SquaredError(), lam=0.1)
+    total, data, logs = objective([direction], [score], None)
     assert data.item() == pytest.approx((0.1 + 0.4) / 2)
-    assert smooth.item() == pytest.approx(0.5)
+    assert logs["train/smooth_ddf"].item() == pytest.approx(0.5)
     assert total.item() == pytest.approx(0.25 + 0.05)
-    _, data_unscored, _ = displacement_loss(residual, ddf, None, lam=0.1)
+    _, data_unscored, _ = objective([direction], [None], None)
     assert data_unscored.item() == pytest.approx(0.3)
 
 

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from adacs_lightning import AdaCS, ConfigError
+from adacs_lightning import AdaCS, ConfigError, ReferenceAdaCS
 from adacs_lightning.schedule import Phase
 
 from .helpers.training import PairNet, assert_same_training, tiny_backbone, tiny_datamodule, tiny_model, tiny_trainer
@@ -46,8 +46,17 @@ class PhaseRecorder(L.Callback):
 def test_one_line_wrap_builds_scorer_for_the_backbone_dims():
     model = AdaCS(tiny_backbone(spatial_dims=3))
     assert model.scorer.spatial_dims == 3
-    assert model.hparams.alpha == 0.02 and model.hparams.beta == 1.5 and model.hparams.lam == 0.01
-    assert model.hparams.warmup_epochs == 20 and model.hparams.lr == 1e-4 and model.hparams.gamma == 0.99
+    assert model.hparams.alpha == 0.02 and model.hparams.beta == 1.5 and model.hparams.lam == 0.05
+    assert model.hparams.warmup_epochs == 3 and model.hparams.lr == 1e-3 and model.hparams.gamma == 0.99
+    assert model.hparams.calibration == "data" and model.hparams.scorer_target == "shift_min"
+
+
+def test_the_papers_settings_are_one_preset():
+    from adacs_lightning import PAPER
+
+    model = AdaCS.paper(tiny_backbone(), lr=3e-4)
+    assert {k: model.hparams[k] for k in PAPER} == {**PAPER, "lr": 3e-4}
+    assert model.hparams.lam == 0.01 and model.hparams.warmup_epochs == 20 and model.hparams.data_weighting == "mean"
 
 
 def test_schedule_updates_the_right_network_in_each_phase():
@@ -101,43 +110,10 @@ class GradientAudit(AdaCS):
 
 
 def test_stop_gradients_in_the_joint_step():
-    """With separate passes (score_residual="recompute"), L_de reaches only f_θ and L_se only g_φ."""
-    model = GradientAudit(tiny_backbone(), warmup_epochs=0, lr=1e-3, score_residual="recompute")
+    """Each step backpropagates L_de, then L_se: the first reaches only f_θ, the second only g_φ."""
+    model = GradientAudit(tiny_backbone(), warmup_epochs=0, lr=1e-3)
     tiny_trainer(1).fit(model, tiny_datamodule())
     assert model.audit == [(Phase.JOINT, True, False), (Phase.JOINT, False, True)] * 2
-
-
-class SeparatePassCheck(AdaCS):
-    """Compares the gradients of each combined backward pass with separate passes of L_de and L_se."""
-
-    checked = 0
-
-    def training_step(self, batch, batch_idx):
-        self._batch = batch
-        return super().training_step(batch, batch_idx)
-
-    def manual_backward(self, loss, *args, **kwargs):
-        from adacs_lightning.losses import displacement_loss, scoring_loss
-
-        params_f, params_g = list(self.backbone.parameters()), list(self.scorer.parameters())
-        combined = torch.autograd.grad(loss, params_f + params_g, retain_graph=True, allow_unused=True)
-        source, target, mask = self._batch["source"], self._batch["target"], self._batch["mask"]
-        (forward, _), score = self.backbone.forward_train(source, target), self.scorer(target)
-        residual = self._directions(source, target, forward, None)[0].residual
-        loss_de = displacement_loss(residual, forward.ddf, score, self.hparams.lam, mask)[0]
-        loss_se = scoring_loss(score, residual, self.hparams.alpha, self.hparams.beta, self.momentum.value, mask)[0]
-        separate = torch.autograd.grad(loss_de, params_f) + torch.autograd.grad(loss_se, params_g)
-        for got, want in zip(combined, separate):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
-        type(self).checked += 1
-        super().manual_backward(loss, *args, **kwargs)
-
-
-def test_single_backward_pass_gives_each_network_only_its_own_gradient():
-    """score_residual="reuse" backpropagates L_de + L_se at once; the gradients equal separate passes."""
-    model = SeparatePassCheck(tiny_backbone(), warmup_epochs=0, lr=1e-3, score_residual="reuse")
-    tiny_trainer(1).fit(model, tiny_datamodule())
-    assert SeparatePassCheck.checked == 2  # one combined pass per step
 
 
 def test_warmup_b_never_reaches_the_backbone():
@@ -152,7 +128,9 @@ def test_recompute_and_reuse_differ_only_in_the_scorer_step():
     results = {}
     for mode in ("recompute", "reuse"):
         torch.manual_seed(0)
-        model = tiny_model(warmup_epochs=0, score_residual=mode)
+        model = ReferenceAdaCS(
+            tiny_backbone(), warmup_epochs=0, lr=1e-3, score_residual=mode, reference_leak=False, momentum_mode="paper"
+        )
         tiny_trainer(1, limit_train_batches=1).fit(model, tiny_datamodule())
         results[mode] = model
     for (name, a), b in zip(
@@ -167,7 +145,7 @@ def test_gradient_accumulation_matches_the_larger_batch():
     models = {}
     for accumulate, batch in ((1, 8), (2, 4)):
         torch.manual_seed(0)
-        model = tiny_model(warmup_epochs=1, accumulate_grad_batches=accumulate, score_residual="reuse")
+        model = tiny_model(warmup_epochs=1, accumulate_grad_batches=accumulate)
         dm = tiny_datamodule(pairs=8, batch_size=batch)
         tiny_trainer(3).fit(model, dm)
         models[accumulate] = model
@@ -179,7 +157,7 @@ def test_gradient_accumulation_matches_the_larger_batch():
 
 def test_mask_hides_residuals_outside_the_field_of_view():
     """Residuals outside the mask change neither the losses nor any gradient of either network."""
-    from adacs_lightning.losses import displacement_loss, scoring_loss
+    from adacs_lightning.losses import scoring_loss
 
     dm = tiny_datamodule()
     dm.setup("fit")
@@ -192,9 +170,10 @@ def test_mask_hides_residuals_outside_the_field_of_view():
         torch.manual_seed(0)
         model = tiny_model(warmup_epochs=0)
         forward, _ = model.backbone.forward_train(batch["source"], batch["target"])
-        residual = model._directions(batch["source"], batch["target"], forward, None)[0].residual + extra_residual
+        direction = model.objective.directions(batch["source"], batch["target"], forward)[0]
+        direction.residual = residual = direction.residual + extra_residual
         score = model.scorer(batch["target"])
-        loss_de = displacement_loss(residual, forward.ddf, score, 0.01, batch["mask"])[0]
+        loss_de = model.objective([direction], [score], batch["mask"], "mean")[0]
         loss_se = scoring_loss(score, residual, 0.02, 1.5, 0.5, batch["mask"])[0]
         (loss_de + loss_se).backward()
         return [loss_de.item(), loss_se.item()], [p.grad.clone() for p in model.parameters()]

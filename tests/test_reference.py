@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from adacs_lightning import AdaCS, ClosedFormRobust, VoxelMorphScorer, voxelmorph
+from adacs_lightning import AdaCS, ClosedFormRobust, ReferenceAdaCS, VoxelMorphScorer, voxelmorph
 from adacs_lightning.errors import ConfigError
 from adacs_lightning.losses import masked_mean
 from adacs_lightning.momentum import MomentumWeight
@@ -73,6 +73,7 @@ def test_experiment_reference_sets_every_setting_of_the_reference_recipe(tmp_pat
     assert cfg.trainer.max_epochs == 340 and cfg.final_checkpoint == "last"
     assert cfg.similarity._target_.endswith("SquaredError")
     model = instantiate(cfg.method, backbone=instantiate(cfg.backbone))
+    assert type(model) is ReferenceAdaCS and cfg.method._target_ == "adacs_lightning.ReferenceAdaCS"
     assert model.backbone.integration_downsize == 2
     assert count(model.backbone) == 109_170 and count(model.scorer) == 108_881
 
@@ -84,7 +85,7 @@ def test_velocity_penalty_acts_on_the_half_resolution_velocity():
     assert direction.output.velocity.shape == (2, 2, 16, 16)
     from adacs_lightning.losses import gradient_energy
 
-    torch.testing.assert_close(model._smoothness(direction.output, None), gradient_energy(direction.output.velocity))
+    torch.testing.assert_close(model.objective.smoothness(direction.output, None), gradient_energy(direction.output.velocity))
     with pytest.raises(ValueError, match="smoothness_on"):
         AdaCS(voxelmorph(2, integration_steps=0), smoothness_on="velocity")
 
@@ -113,7 +114,7 @@ def test_reference_momentum_by_hand():
     assert set(momentum.state_dict()) >= {"epoch", "epoch_sum", "epoch_count"}
 
 
-class GradientRecorder(AdaCS):
+class GradientRecorder(ReferenceAdaCS):
     """Keeps a copy of the backbone's gradient at each of its optimiser steps, and its weights before it."""
 
     def __init__(self, *args, **kwargs):
@@ -135,7 +136,12 @@ def test_leak_switch_adds_the_scorer_steps_backbone_gradient_to_the_next_backbon
     for leak in (False, True):
         torch.manual_seed(0)
         model = GradientRecorder(
-            tiny_backbone(), warmup_epochs=0, lr=1e-3, score_residual="recompute", reference_leak=leak
+            tiny_backbone(),
+            warmup_epochs=0,
+            lr=1e-3,
+            score_residual="recompute",
+            reference_leak=leak,
+            momentum_mode="paper",
         )
         scorer0 = copy.deepcopy(model.scorer)
         tiny_trainer(1, limit_train_batches=2, limit_val_batches=0).fit(model, dm)
@@ -174,7 +180,9 @@ def test_leak_piles_up_through_warm_up_b_and_lands_in_the_first_joint_step():
     models, snapshots = {}, Snapshots()
     for leak in (False, True):
         torch.manual_seed(0)
-        model = GradientRecorder(tiny_backbone(), warmup_epochs=1, lr=1e-3, reference_leak=leak)
+        model = GradientRecorder(
+            tiny_backbone(), warmup_epochs=1, lr=1e-3, reference_leak=leak, score_residual="reuse", momentum_mode="paper"
+        )
         callbacks = [snapshots] if leak else []
         tiny_trainer(3, limit_val_batches=0, callbacks=callbacks).fit(model, tiny_datamodule())
         models[leak] = model
@@ -197,7 +205,7 @@ def test_leak_piles_up_through_warm_up_b_and_lands_in_the_first_joint_step():
 
 def test_momentum_reference_mode_is_frozen_in_warm_up_b():
     torch.manual_seed(0)
-    model = AdaCS(tiny_backbone(), warmup_epochs=1, lr=1e-3, momentum_mode="reference")
+    model = ReferenceAdaCS(tiny_backbone(), warmup_epochs=1, lr=1e-3, reference_leak=False, score_residual="reuse")
     counts = []
 
     import lightning as L
@@ -224,12 +232,12 @@ def test_reference_momentum_gets_the_references_mu_in_both_directions():
     """train_vxm.py: μ_t = Σ_d (1/n_dir)·mean(w_d·D_d) with w_d = 0.5 when bidirectional, 1 otherwise."""
 
     for bidirectional, expected_mu in ((True, 0.5 * 0.03), (False, 0.03)):
-        model = AdaCS(tiny_backbone(), momentum_mode="reference", bidirectional=bidirectional, kappa=50.0)
+        model = ReferenceAdaCS(tiny_backbone(), bidirectional=bidirectional, kappa=50.0)
         model._trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda t, reduce_op: t), current_epoch=0)
-        m, logs = model._update_momentum([torch.tensor(0.03)])  # D averaged over the directions
+        logs = model._update_momentum([torch.tensor(0.03)])  # D averaged over the directions
         assert logs["train/mu"].item() == pytest.approx(expected_mu)
         # epoch 0: γ_0 = 0, so m is the reference's b itself
-        assert m.item() == pytest.approx(math.cos(math.pi * 50 * expected_mu), abs=1e-6)
+        assert logs["train/m"].item() == pytest.approx(math.cos(math.pi * 50 * expected_mu), abs=1e-6)
 
 
 @pytest.mark.parametrize("data", ["synthetic", "camus", "acdc", "oasis", "folder"])

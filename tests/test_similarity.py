@@ -137,11 +137,11 @@ def test_label_term_is_monais_dice_loss_of_the_warped_one_hot_labels():
     direction = model._register(batch)[0]
     warped = model.warp(one_hot(labels, 3).float(), direction.output.ddf)
     expected = DiceLoss(include_background=False)(warped, one_hot(moved, 3).float())
-    torch.testing.assert_close(model._label_term(direction), expected)
-    loss, _, logs = model._backbone_loss([direction], [None], None)
+    torch.testing.assert_close(model.objective.label_term(direction), expected)
+    loss, _, logs = model.objective([direction], [None], None)
     mse = masked_mean(direction.residual)
     smooth = logs["train/smooth_ddf"]
-    torch.testing.assert_close(loss, mse + 0.01 * smooth + 0.5 * expected)
+    torch.testing.assert_close(loss, mse + model.hparams.lam * smooth + 0.5 * expected)
     assert math.isfinite(float(logs["train/label_dice_loss"]))
 
 
@@ -184,7 +184,7 @@ def test_label_supervision_trains_from_the_cli(tmp_path):
 @pytest.mark.parametrize("similarity", [SquaredError(), LocalNCC(2, window=5), MutualInformation()], ids=SIMILARITIES)
 def test_scorer_sees_residuals_on_squared_errors_scale(similarity):
     """``L_ucs`` weights ``r·κ/50``, so the paper's α keeps scores mid-range for every map."""
-    model = AdaCS(tiny_backbone(), similarity=similarity, warmup_epochs=0)
+    model = AdaCS(tiny_backbone(), similarity=similarity, warmup_epochs=0, calibration="fixed")
     batch = smooth_pair_batch()
     terms = model._micro_batch(batch)
     residual = terms.directions[0].residual.detach()

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from adacs_lightning import AdaCS, ScoringNetwork, SyntheticDataModule, voxelmorph
+from adacs_lightning import PAPER, AdaCS, ScoringNetwork, SyntheticDataModule, voxelmorph
 
 BIN = Path(sys.executable).parent
 
@@ -110,9 +110,9 @@ def tiny_trainer(max_epochs: int, tmp_path=None, **kwargs) -> L.Trainer:
 
 
 def tiny_model(**kwargs) -> AdaCS:
-    kwargs.setdefault("warmup_epochs", 1)
-    kwargs.setdefault("lr", 1e-3)
-    return AdaCS(tiny_backbone(), **kwargs)
+    """AdaCS with the paper's settings (the hand computations of the tests assume its fixed constants),
+    a one-epoch warm-up and lr 1e-3; ``kwargs`` override them."""
+    return AdaCS(tiny_backbone(), **{**PAPER, "warmup_epochs": 1, "lr": 1e-3, **kwargs})
 
 
 def assert_same_training(a: dict, b: dict, spatial_dims: int = 2, atol: float = 3e-4) -> None:
