@@ -85,7 +85,9 @@ def test_velocity_penalty_acts_on_the_half_resolution_velocity():
     assert direction.output.velocity.shape == (2, 2, 16, 16)
     from adacs_lightning.losses import gradient_energy
 
-    torch.testing.assert_close(model.objective.smoothness(direction.output, None), gradient_energy(direction.output.velocity))
+    torch.testing.assert_close(
+        model.objective.smoothness(direction.output, None), gradient_energy(direction.output.velocity)
+    )
     with pytest.raises(ValueError, match="smoothness_on"):
         AdaCS(voxelmorph(2, integration_steps=0), smoothness_on="velocity")
 
@@ -181,7 +183,12 @@ def test_leak_piles_up_through_warm_up_b_and_lands_in_the_first_joint_step():
     for leak in (False, True):
         torch.manual_seed(0)
         model = GradientRecorder(
-            tiny_backbone(), warmup_epochs=1, lr=1e-3, reference_leak=leak, score_residual="reuse", momentum_mode="paper"
+            tiny_backbone(),
+            warmup_epochs=1,
+            lr=1e-3,
+            reference_leak=leak,
+            score_residual="reuse",
+            momentum_mode="paper",
         )
         callbacks = [snapshots] if leak else []
         tiny_trainer(3, limit_val_batches=0, callbacks=callbacks).fit(model, tiny_datamodule())

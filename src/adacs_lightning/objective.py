@@ -161,7 +161,9 @@ class BackboneObjective(nn.Module):
         """The Dice loss of one direction's warped labels; None without labels or a label weight."""
         if self.dice is None or direction.moving_label is None or direction.fixed_label is None:
             return None
-        return label_dice_loss(self.dice, self.warp, direction.moving_label, direction.fixed_label, direction.output.ddf)
+        return label_dice_loss(
+            self.dice, self.warp, direction.moving_label, direction.fixed_label, direction.output.ddf
+        )
 
     def forward(
         self,

@@ -73,9 +73,11 @@ def train_run(name: str, tmp_path: Path) -> dict:
 
 def differences(expected: dict, actual: dict) -> list[str]:
     """The entries of two runs that are not bit-identical (empty when they are)."""
-    found = [f"key set {sorted(set(expected['state']) ^ set(actual['state']))}"] if expected["state"].keys() != actual[
-        "state"
-    ].keys() else []
+    found = (
+        [f"key set {sorted(set(expected['state']) ^ set(actual['state']))}"]
+        if expected["state"].keys() != actual["state"].keys()
+        else []
+    )
     for key in sorted(set(expected["state"]) & set(actual["state"])):
         a, b = expected["state"][key], actual["state"][key]
         if a.shape != b.shape or not torch.equal(a, b):
@@ -107,7 +109,9 @@ def main() -> None:
             found = differences(recorded[name], result)
             failed |= bool(found)
             verdict = "bit-identical" if not found else "DIFFERS: " + "; ".join(found[:4])
-            print(f"{name:18s} val/dice {result['val_dice']:.6f} (recorded {recorded[name]['val_dice']:.6f})  {verdict}")
+            print(
+                f"{name:18s} val/dice {result['val_dice']:.6f} (recorded {recorded[name]['val_dice']:.6f})  {verdict}"
+            )
     if args.write:
         FINGERPRINTS.parent.mkdir(exist_ok=True)
         torch.save(recorded, FINGERPRINTS)

@@ -144,7 +144,7 @@ class ConditionalLapIRN(nn.Module):
         features: int = 28,
         res_blocks: int = 5,
         embedding_dim: int = 64,
-        reg_weight: float = 0.01,
+        reg_weight: float = 0.05,  # every method's default λ (methods.settings.LAM)
         combine: Literal["add", "compose"] = "add",
     ) -> None:
         super().__init__()

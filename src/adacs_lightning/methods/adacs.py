@@ -123,7 +123,9 @@ class AdaCS(RegistrationModule):
         super().__init__(backbone, warmup_epochs=warmup_epochs, **settings)
         self.scorer: nn.Module | None = None
         if scoring:
-            self.scorer = scorer if scorer is not None else ScoringNetwork(self.backbone.spatial_dims, self.backbone.in_channels)
+            self.scorer = (
+                scorer if scorer is not None else ScoringNetwork(self.backbone.spatial_dims, self.backbone.in_channels)
+            )
         elif scorer is not None:
             raise ValueError("scoring=False trains the plain backbone: do not pass a scorer")
         self.momentum = self._momentum(gamma, self.similarity.kappa if kappa is None else kappa)

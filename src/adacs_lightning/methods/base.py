@@ -245,5 +245,7 @@ class RegistrationModule(L.LightningModule):
         logged = self.val_metrics.update(ddf, residual, mask, weight, nocorr, labels)
         batch_size = source.shape[0]
         if "val/dice" in logged:
-            self.log("val/dice", logged.pop("val/dice"), prog_bar=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
+            self.log(
+                "val/dice", logged.pop("val/dice"), prog_bar=True, on_epoch=True, batch_size=batch_size, sync_dist=True
+            )
         self.log_dict(logged, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)

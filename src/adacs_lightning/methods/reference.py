@@ -106,11 +106,15 @@ def _check_recipe(score_residual: str, momentum_mode: str, reference_leak: bool,
     """Reject switches the recipe cannot combine, naming the setting and a usable value."""
     if score_residual not in SCORE_RESIDUALS:
         raise ConfigError(
-            "score_residual", f"must be one of {SCORE_RESIDUALS}, got {score_residual!r}.", "The reference's is 'recompute'."
+            "score_residual",
+            f"must be one of {SCORE_RESIDUALS}, got {score_residual!r}.",
+            "The reference's is 'recompute'.",
         )
     if momentum_mode not in MOMENTUM_MODES:
         raise ConfigError(
-            "momentum_mode", f"must be one of {MOMENTUM_MODES}, got {momentum_mode!r}.", "The reference's is 'reference'."
+            "momentum_mode",
+            f"must be one of {MOMENTUM_MODES}, got {momentum_mode!r}.",
+            "The reference's is 'reference'.",
         )
     if settings["calibration"] == "data" and momentum_mode == "reference":
         raise ConfigError(

@@ -36,7 +36,11 @@ PAPER: dict[str, Any] = {
 
 def check_base_settings(lam, label_weight, warmup_epochs, lr, accumulate, smoothness_on) -> None:
     """Reject values no method can use, naming the setting and a usable value."""
-    for name, value, usable in (("lam", lam, LAM), ("label_weight", label_weight, 0.0), ("warmup_epochs", warmup_epochs, 20)):
+    for name, value, usable in (
+        ("lam", lam, LAM),
+        ("label_weight", label_weight, 0.0),
+        ("warmup_epochs", warmup_epochs, 20),
+    ):
         if value < 0:
             raise ConfigError(name, f"must be non-negative, got {value}.", f"The default is {usable}.")
     if lr is not None and lr <= 0:
@@ -47,11 +51,15 @@ def check_base_settings(lam, label_weight, warmup_epochs, lr, accumulate, smooth
         )
     if smoothness_on not in SMOOTHNESS_TARGETS:
         raise ConfigError(
-            "smoothness_on", f"must be one of {SMOOTHNESS_TARGETS}, got {smoothness_on!r}.", "The paper's is 'displacement'."
+            "smoothness_on",
+            f"must be one of {SMOOTHNESS_TARGETS}, got {smoothness_on!r}.",
+            "The paper's is 'displacement'.",
         )
 
 
-def check_adacs_settings(alpha, beta, scorer_lr, data_weighting, scorer_target, shift_radius, shift_patch, calibration, kappa):
+def check_adacs_settings(
+    alpha, beta, scorer_lr, data_weighting, scorer_target, shift_radius, shift_patch, calibration, kappa
+):
     """Reject values AdaCS cannot use, naming the setting and a usable value."""
     for name, value, paper in (("alpha", alpha, 0.02), ("beta", beta, 1.5)):
         if value < 0:
