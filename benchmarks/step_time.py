@@ -30,7 +30,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from adacs_lightning import AdaCS, ScoringNetwork, VoxelMorphScorer, voxelmorph
+from adacs_lightning import PAPER, AdaCS, ReferenceAdaCS, ScoringNetwork, VoxelMorphScorer, voxelmorph
 from adacs_lightning.data import Nuisances, make_pair
 from adacs_lightning.schedule import Phase
 
@@ -39,8 +39,8 @@ for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.p
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 
-class FixedPhase(AdaCS):
-    """AdaCS held in one schedule phase, so that each phase can be timed on its own."""
+class HeldPhase:
+    """A method held in one schedule phase, so that each phase can be timed on its own."""
 
     def __init__(self, *args, fixed_phase: Phase, **kwargs):
         super().__init__(*args, **kwargs)
@@ -49,6 +49,14 @@ class FixedPhase(AdaCS):
     @property
     def phase(self) -> Phase:
         return self._fixed_phase if self.scorer is not None else Phase.WARMUP_BACKBONE
+
+
+class FixedPhase(HeldPhase, AdaCS):
+    pass
+
+
+class FixedPhaseReference(HeldPhase, ReferenceAdaCS):
+    pass
 
 
 class Batches(Dataset):
@@ -92,6 +100,7 @@ class Variant:
     score_residual: str = "reuse"
     bidirectional: bool = False
     leak: bool = False
+    default: bool = False  # adacs-train's scorer (calibrated, shift-min); otherwise the paper's (the residual itself)
 
 
 def build(variant: Variant, args) -> AdaCS:
@@ -103,15 +112,13 @@ def build(variant: Variant, args) -> AdaCS:
         scorer = VoxelMorphScorer(args.spatial_dims)
     else:
         scorer = ScoringNetwork(args.spatial_dims, channels=args.scorer_channels)
-    return FixedPhase(
-        backbone,
-        scorer=scorer,
-        fixed_phase=variant.phase,
-        score_residual=variant.score_residual,
-        bidirectional=variant.bidirectional,
-        reference_leak=variant.leak,
-        lr=1e-4,
-    )
+    settings = dict(scorer=scorer, fixed_phase=variant.phase, bidirectional=variant.bidirectional, lr=1e-4)
+    if variant.score_residual == "recompute" or variant.leak:
+        momentum = "reference" if variant.leak else "paper"
+        return FixedPhaseReference(
+            backbone, score_residual="recompute", reference_leak=variant.leak, momentum_mode=momentum, **settings
+        )
+    return FixedPhase(backbone, **{**({} if variant.default else PAPER), **settings})
 
 
 def run_steps(model: AdaCS, loader: DataLoader, args, steps: int) -> list[float]:
@@ -139,6 +146,7 @@ def variants(args) -> list[Variant]:
         Variant("adacs warm-up A", Phase.WARMUP_BACKBONE),
         Variant("adacs warm-up B", Phase.WARMUP_SCORER),
         Variant("joint, unet scorer (reuse)", Phase.JOINT),
+        Variant("joint, unet, shift-min (default)", Phase.JOINT, default=True),
         Variant("joint, voxelmorph scorer (reuse)", Phase.JOINT, "voxelmorph"),
         Variant("joint, voxelmorph scorer (recompute)", Phase.JOINT, "voxelmorph", "recompute"),
         Variant("joint, reference recipe (bidir, leak)", Phase.JOINT, "voxelmorph", "recompute", True, True),

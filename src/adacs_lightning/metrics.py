@@ -210,7 +210,7 @@ class ValidationMetrics(nn.Module):
         mask: Tensor | None = None,
         weight: Tensor | None = None,
         nocorr: Tensor | None = None,
-        labels: tuple[Tensor, Tensor, Sequence[int]] | None = None,
+        labels: tuple[Tensor | None, Tensor | None, Sequence[int] | None] = (None, None, None),
     ) -> dict[str, Metric]:
         """Add one batch; returns ``{logged name: metric}`` for what this batch measured.
 
@@ -219,7 +219,8 @@ class ValidationMetrics(nn.Module):
             mask: field of view ``(B, 1, *spatial)``.
             weight: the method's weight map ``(B, 1, *spatial)`` (None: ``Ŝ ≡ 1``); nocorr: where the
                 target has no counterpart ``(B, 1, *spatial)``.
-            labels: ``(source label, target label, label values)``, the maps ``(B, 1, *spatial)`` integer.
+            labels: ``(source label, target label, label values)``: integer maps ``(B, 1, *spatial)`` (None
+                without), and the values to score (None: every non-zero value in the target's map).
         """
         pairs = [slice(i, i + 1) for i in range(ddf.shape[0])]
 
@@ -235,8 +236,11 @@ class ValidationMetrics(nn.Module):
             for name, values in localisation(weight, nocorr, mask).items():
                 self.localisation[name].update(values)
                 logged[f"val/{name}"] = self.localisation[name]
-        if labels is not None:
-            logged.update(self._update_dice(ddf, *labels))
+        source_label, target_label, values = labels
+        if source_label is not None and target_label is not None:
+            values = values or [int(v) for v in torch.unique(target_label).tolist() if v != 0]
+            if values:  # no label in these maps: no Dice
+                logged.update(self._update_dice(ddf, source_label, target_label, values))
         return logged
 
     def _update_dice(self, ddf: Tensor, source_label: Tensor, target_label: Tensor, labels: Sequence[int]):

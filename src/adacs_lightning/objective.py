@@ -20,9 +20,10 @@ from monai.losses import DiceLoss
 from monai.networks.utils import one_hot
 from torch import nn
 
-from .backbones import RegistrationOutput
+from .backbones import Backbone, RegistrationOutput
+from .errors import ConfigError
 from .losses import displacement_data_term, gradient_energy
-from .similarity import Similarity
+from .similarity import Similarity, SquaredError, similarity_from_name
 from .warping import warp_block
 
 Tensor = torch.Tensor
@@ -57,6 +58,13 @@ def mean_of(values: Iterable[Tensor]) -> Tensor:
 def split_batch(stacked: Tensor | None, parts: int) -> list[Tensor | None]:
     """A map computed for ``parts`` directions at once ``(parts·B, …)``, back as one ``(B, …)`` per direction."""
     return [None] * parts if stacked is None else list(stacked.chunk(parts, dim=0))
+
+
+def warped_residual(
+    similarity: Similarity, warp: nn.Module, moving: Tensor, fixed: Tensor, ddf: Tensor, mask: Tensor | None = None
+) -> Tensor:
+    """``r`` ``(B, 1, *spatial)``: ``similarity``'s map of ``moving`` warped by ``ddf`` (``warp``, MONAI's) against ``fixed``."""
+    return similarity(warp(moving, ddf), fixed, mask)
 
 
 def field_smoothness(output: RegistrationOutput, mask: Tensor | None, on: str = "displacement") -> Tensor:
@@ -95,7 +103,7 @@ def directions_of(
     if to_source is not None:
         pairs.append((target, source, to_source, labels[1], labels[0]))
     return [
-        Direction(moving, fixed, out, similarity(warp(moving, out.ddf), fixed, mask), ml, fl)
+        Direction(moving, fixed, out, warped_residual(similarity, warp, moving, fixed, out.ddf, mask), ml, fl)
         for moving, fixed, out, ml, fl in pairs
     ]
 
@@ -134,13 +142,33 @@ class BackboneObjective(nn.Module):
         self.warp = warp_block("bilinear", "border")
         self.dice = DiceLoss(include_background=False) if label_weight > 0 else None
 
+    @classmethod
+    def for_backbone(
+        cls,
+        backbone: Backbone,
+        similarity: Similarity | str | None,
+        lam: float,
+        smoothness_on: str,
+        label_weight: float,
+    ) -> BackboneObjective:
+        """The objective of ``backbone``: ``similarity`` by name (``mse``, ``lncc``, ``mi``) or squared error when None."""
+        if smoothness_on == "velocity" and backbone.integrate is None:
+            raise ConfigError(
+                "smoothness_on",
+                f"is 'velocity', but {backbone.name} predicts the displacement directly (no velocity to penalise).",
+                "Use smoothness_on=displacement, or a velocity backbone (voxelmorph with integration_steps > 0).",
+            )
+        if isinstance(similarity, str):
+            similarity = similarity_from_name(similarity, backbone.spatial_dims)
+        return cls(similarity if similarity is not None else SquaredError(), lam, smoothness_on, label_weight)
+
     @property
     def uses_labels(self) -> bool:
         return self.dice is not None
 
     def residual(self, moving: Tensor, fixed: Tensor, ddf: Tensor, mask: Tensor | None = None) -> Tensor:
         """``r`` ``(B, 1, *spatial)`` of ``moving`` warped by ``ddf`` against ``fixed``."""
-        return self.similarity(self.warp(moving, ddf), fixed, mask)
+        return warped_residual(self.similarity, self.warp, moving, fixed, ddf, mask)
 
     def directions(
         self,

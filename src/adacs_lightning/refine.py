@@ -30,7 +30,9 @@ from torch import nn
 
 from .choices import REFINE_WEIGHTS
 from .losses import DATA_WEIGHTINGS, displacement_data_term, gradient_energy, masked_mean
+from .methods.settings import LAM
 from .metrics import folding_percentage, jacobian_determinant
+from .objective import warped_residual
 from .similarity import Similarity
 from .warping import warp_block
 
@@ -136,7 +138,7 @@ class Refiner:
         settings.setdefault("label_weight", float(hparams.get("label_weight", 0.0)))
         return cls(
             module.similarity,
-            float(hparams.get("lam", 0.01)),
+            float(hparams.get("lam", LAM)),
             scorer=scorer,
             weighting=str(hparams.get("data_weighting", "mean")) if scorer is not None else "mean",
             **settings,
@@ -163,7 +165,7 @@ class Refiner:
         labels: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """The objective of each pair ``(B,)`` at displacement ``ddf``: data + λ·smoothness + folding guard [+ labels]."""
-        residual = self.similarity(self.warp(moving, ddf), fixed, mask)
+        residual = warped_residual(self.similarity, self.warp, moving, fixed, ddf, mask)
         total = per_pair_data_term(residual, weight, mask, self.weighting)
         total = total + self.lam * gradient_energy(ddf, mask, per_sample=True)
         if self.fold_weight > 0:

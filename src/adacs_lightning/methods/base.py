@@ -1,10 +1,9 @@
 """What every training method shares: the backbone, its objective, accumulation, validation, export.
 
-A method (:class:`~adacs_lightning.AdaCS`, the variance-weighted likelihoods, the closed-form
-robust control) extends :class:`RegistrationModule` and adds only what it weights the
-dissimilarity map with and how it updates its networks. The objective is
-:class:`~adacs_lightning.objective.BackboneObjective`, the validation means
-:class:`~adacs_lightning.metrics.ValidationMetrics`; docs/method.md describes each method.
+A method (:class:`~adacs_lightning.AdaCS`, the variance-weighted likelihoods, the closed-form robust
+control) extends :class:`RegistrationModule` and adds only the map it weights the dissimilarity with
+and how it updates its networks. The objective is :class:`~adacs_lightning.objective.BackboneObjective`,
+the validation means :class:`~adacs_lightning.metrics.ValidationMetrics` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,25 +16,25 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..backbones import Backbone, RegistrationOutput, as_backbone
+from ..backbones import Backbone, as_backbone
 from ..checkpoint import BACKBONE_CONFIG_KEY, METHOD_KEY, SIMILARITY_KEY
-from ..errors import ConfigError, NonFiniteLossError
+from ..errors import NonFiniteLossError
 from ..metrics import ValidationMetrics
 from ..objective import BackboneObjective, Direction
 from ..schedule import Phase
-from ..similarity import Similarity, SquaredError, similarity_from_name
+from ..similarity import Similarity
 from .settings import LAM, LR, check_base_settings
-from .steps import Cycle, cycle_at, nonzero_labels, step, unpack
+from .speed import SpeedOptions
+from .steps import Cycle, cycle_at, eval_labels_of, frozen_forward_train, non_finite, step, unpack
 
 Tensor = torch.Tensor
 
 
-class RegistrationModule(L.LightningModule):
+class RegistrationModule(SpeedOptions, L.LightningModule):
     """Base of every training method: owns the backbone ``f_θ`` and everything that is not the weighting.
 
     Batches are dicts with ``source`` and ``target`` ``(B, C, *spatial)`` in [0, 1] and optionally
-    ``mask`` (field of view), ``nocorr``, ``source_label`` and ``target_label`` (validation Dice;
-    training too when ``label_weight > 0``).
+    ``mask`` (field of view), ``nocorr``, ``source_label`` and ``target_label``.
 
     Args:
         backbone: the registration network (any network, through :func:`~adacs_lightning.backbones.as_backbone`).
@@ -78,17 +77,9 @@ class RegistrationModule(L.LightningModule):
         # Collects the init arguments of the whole class chain (Lightning walks the __init__ frames).
         self.save_hyperparameters(ignore=["backbone", "scorer", "variance_net", "similarity"])
         self.automatic_optimization = False
-        adapter_kwargs = {k: v for k, v in (("spatial_dims", spatial_dims), ("in_channels", in_channels)) if v}
-        self.backbone: Backbone = as_backbone(backbone, **adapter_kwargs)
-        if smoothness_on == "velocity" and self.backbone.integrate is None:
-            raise ConfigError(
-                "smoothness_on",
-                f"is 'velocity', but {self.backbone.name} predicts the displacement directly (no velocity to penalise).",
-                "Use smoothness_on=displacement, or a velocity backbone (voxelmorph with integration_steps > 0).",
-            )
-        if isinstance(similarity, str):
-            similarity = similarity_from_name(similarity, self.backbone.spatial_dims)
-        self.objective = BackboneObjective(similarity or SquaredError(), lam, smoothness_on, label_weight)
+        geometry = {k: v for k, v in (("spatial_dims", spatial_dims), ("in_channels", in_channels)) if v}
+        self.backbone: Backbone = as_backbone(backbone, **geometry)
+        self.objective = BackboneObjective.for_backbone(self.backbone, similarity, lam, smoothness_on, label_weight)
         self.val_metrics = ValidationMetrics()
         # The backbone's Hydra config, when the CLI built it: checkpoints store it (load_backbone rebuilds from it).
         self.backbone_config: dict | None = None
@@ -119,10 +110,10 @@ class RegistrationModule(L.LightningModule):
         return 0
 
     def weight_map(self, fixed: Tensor, residual: Tensor) -> Tensor | None:
-        """The weight ``(B, 1, *spatial)`` in [0, 1] the method gives ``residual`` measured on ``fixed``; None for ``Ŝ ≡ 1``."""
+        """The weight ``(B, 1, *spatial)`` in [0, 1] the method gives ``residual`` measured on ``fixed``; None: ``Ŝ ≡ 1``."""
         return None
 
-    # ------------------------------------------------------------------ inference, checkpoints, speed
+    # ------------------------------------------------------------------ inference and checkpoints
     def export_backbone(self) -> Backbone:
         """A standalone copy of the trained network in eval mode: ``(moving, fixed)`` → displacement, nothing else."""
         exported = copy.deepcopy(self.backbone).eval()
@@ -139,27 +130,10 @@ class RegistrationModule(L.LightningModule):
         checkpoint[METHOD_KEY] = self.method_name
         checkpoint[SIMILARITY_KEY] = repr(self.similarity)
 
-    def configure_model(self) -> None:
-        """Memory format and compilation, once the module is on its device."""
-        if self.hparams.channels_last:
-            for net in [self.backbone, *self.weighting_networks]:
-                net.to(memory_format=self._memory_format)
-        if self.hparams.compile and not getattr(self, "_compiled", False):
-            # The adapter's own methods (forward_train) call its children, so compile those.
-            for net in [*self.backbone.children(), *self.weighting_networks]:
-                net.compile()
-            self._compiled = True
-
-    @property
-    def _memory_format(self) -> torch.memory_format:
-        if not self.hparams.channels_last:
-            return torch.contiguous_format
-        return torch.channels_last if self.backbone.spatial_dims == 2 else torch.channels_last_3d
-
+    # ------------------------------------------------------------------ training
     def backbone_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.backbone.parameters(), lr=self.hparams.lr)
 
-    # ------------------------------------------------------------------ training helpers
     def on_train_epoch_start(self) -> None:
         for optimiser in self._optimisers():  # a cycle never spans epochs
             optimiser.zero_grad(set_to_none=True)
@@ -169,35 +143,18 @@ class RegistrationModule(L.LightningModule):
         return list(opts) if isinstance(opts, (list, tuple)) else [opts]
 
     def _images(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
-        source, target, mask = unpack(batch)
-        if source.shape[1] != self.backbone.in_channels:
-            raise ValueError(
-                f"The images have {source.shape[1]} channel(s), but the backbone and scorer were built for "
-                f"{self.backbone.in_channels}: pass in_channels={source.shape[1]} to the method (or to the "
-                "backbone's config) to match the data."
-            )
-        if self.hparams.channels_last:
-            source, target = (t.contiguous(memory_format=self._memory_format) for t in (source, target))
-        return source, target, mask
+        source, target, mask = unpack(batch, self.backbone.in_channels)
+        return (*self._in_memory_format(source, target), mask)
 
     def _register(self, batch: Mapping[str, Any], frozen: bool = False) -> list[Direction]:
         """The micro-batch's directions with their maps; ``frozen`` runs the backbone in eval mode without gradients."""
         source, target, mask = self._images(batch)
-        to_target, to_source = self._run_backbone(source, target, frozen)
+        if frozen:
+            outputs = frozen_forward_train(self.backbone, source, target, self.hparams.bidirectional)
+        else:
+            outputs = self.backbone.forward_train(source, target, self.hparams.bidirectional)
         labels = (batch.get("source_label"), batch.get("target_label")) if self.objective.uses_labels else (None,) * 2
-        return self.objective.directions(source, target, to_target, to_source, mask, labels)
-
-    def _run_backbone(self, moving: Tensor, fixed: Tensor, frozen: bool):
-        if not frozen:
-            return self.backbone.forward_train(moving, fixed, self.hparams.bidirectional)
-        was_training = self.backbone.training
-        self.backbone.eval()
-        with torch.no_grad():
-            outputs: tuple[RegistrationOutput, RegistrationOutput | None] = self.backbone.forward_train(
-                moving, fixed, self.hparams.bidirectional
-            )
-        self.backbone.train(was_training)
-        return outputs
+        return self.objective.directions(source, target, *outputs, mask, labels)
 
     def _cycle(self, batch_idx: int) -> Cycle:
         return cycle_at(batch_idx, self.hparams.accumulate_grad_batches, self.trainer.num_training_batches)
@@ -211,11 +168,9 @@ class RegistrationModule(L.LightningModule):
 
     def _check_finite(self, batch_idx: int, terms: Mapping[str, Tensor]) -> None:
         """Raise before any state changes if a term is NaN or infinite on any rank (all ranks raise)."""
-        bad = (~torch.isfinite(torch.stack([t.detach().float() for t in terms.values()]))).float()
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        if bool(bad.any()):
-            names = [name for name, flag in zip(terms, bad.tolist()) if flag]
+        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self.trainer.world_size > 1 else None
+        names = non_finite(terms, reduce)
+        if names:
             raise NonFiniteLossError(batch_idx, self.current_epoch, self.phase.value, names)
 
     def _log_training(self, logs: Mapping[str, Tensor], batch_size: int) -> None:
@@ -227,10 +182,7 @@ class RegistrationModule(L.LightningModule):
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         # Datamodule settings are the same on every rank, unlike labels read from batches.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        labels = self.hparams.eval_labels or getattr(datamodule, "eval_labels", None)
-        labels = labels or sorted(getattr(datamodule, "label_names", None) or {})
-        self._eval_labels = [int(v) for v in labels] if labels else None
+        self._eval_labels = eval_labels_of(self.hparams.eval_labels, getattr(self.trainer, "datamodule", None))
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         source, target, mask = self._images(batch)
@@ -238,14 +190,9 @@ class RegistrationModule(L.LightningModule):
         residual = self.objective.residual(source, target, ddf, mask)
         nocorr = batch.get("nocorr")
         weight = self.weight_map(target, residual) if nocorr is not None else None
-        labels = None
-        if "source_label" in batch and "target_label" in batch:
-            values = self._eval_labels or nonzero_labels(batch["target_label"])
-            labels = (batch["source_label"], batch["target_label"], values) if values else None
+        labels = (batch.get("source_label"), batch.get("target_label"), self._eval_labels)
         logged = self.val_metrics.update(ddf, residual, mask, weight, nocorr, labels)
-        batch_size = source.shape[0]
+        size = source.shape[0]
         if "val/dice" in logged:
-            self.log(
-                "val/dice", logged.pop("val/dice"), prog_bar=True, on_epoch=True, batch_size=batch_size, sync_dist=True
-            )
-        self.log_dict(logged, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+            self.log("val/dice", logged.pop("val/dice"), prog_bar=True, on_epoch=True, batch_size=size, sync_dist=True)
+        self.log_dict(logged, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)

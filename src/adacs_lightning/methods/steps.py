@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 Tensor = torch.Tensor
 
@@ -34,8 +35,8 @@ def step(optimiser) -> None:
     optimiser.zero_grad(set_to_none=True)
 
 
-def unpack(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(source, target, mask or None)`` from a batch dict, with a clear error for anything else."""
+def unpack(batch: Mapping[str, Any], channels: int | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(source, target, mask or None)`` from a batch dict of images with ``channels`` channels; a clear error otherwise."""
     if not isinstance(batch, Mapping) or "source" not in batch or "target" not in batch:
         keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
         raise KeyError(
@@ -45,9 +46,35 @@ def unpack(batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
     source, target = batch["source"], batch["target"]
     if source.shape != target.shape:
         raise ValueError(f"source {tuple(source.shape)} and target {tuple(target.shape)} differ in shape")
+    if channels is not None and source.shape[1] != channels:
+        raise ValueError(
+            f"The images have {source.shape[1]} channel(s), but the backbone and scorer were built for "
+            f"{channels}: pass in_channels={source.shape[1]} to the method (or to the backbone's config) to match the data."
+        )
     return source, target, batch.get("mask")
 
 
-def nonzero_labels(label_map: Tensor) -> list[int]:
-    """The label values present in ``label_map`` other than 0 (the background)."""
-    return [int(v) for v in torch.unique(label_map).tolist() if v != 0]
+def frozen_forward_train(backbone: nn.Module, moving: Tensor, fixed: Tensor, bidirectional: bool):
+    """The backbone's training outputs without gradients, in eval mode (a backbone that is not trained now)."""
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        outputs = backbone.forward_train(moving, fixed, bidirectional)
+    backbone.train(was_training)
+    return outputs
+
+
+def non_finite(terms: Mapping[str, Tensor], reduce: Callable[[Tensor], Tensor] | None = None) -> list[str]:
+    """The names of the terms that are NaN or infinite; ``reduce`` sums the flags over data-parallel ranks."""
+    bad = (~torch.isfinite(torch.stack([t.detach().float() for t in terms.values()]))).float()
+    if reduce is not None:
+        bad = reduce(bad)
+    return [name for name, flag in zip(terms, bad.tolist()) if flag]
+
+
+def eval_labels_of(chosen: Any, datamodule: Any) -> list[int] | None:
+    """The label values whose mean Dice is ``val/dice``: ``chosen``, else the datamodule's, else None (every label)."""
+    labels = (
+        chosen or getattr(datamodule, "eval_labels", None) or sorted(getattr(datamodule, "label_names", None) or {})
+    )
+    return [int(v) for v in labels] if labels else None
