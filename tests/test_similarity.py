@@ -225,7 +225,14 @@ def test_an_unknown_similarity_name_lists_the_known_ones(tmp_path):
 
     with pytest.raises(ValueError, match="'ncc'.*mse, lncc, mi"):
         AdaCS(tiny_backbone(), similarity="ncc")
-    cfg = compose_config(["method.similarity=ncc"], tmp_path)
+    # On the command line method.similarity is the similarity group: its options are listed
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="(?s)similarity/ncc.*lncc.*mi.*mse"):
+        compose_config(["method.similarity=ncc"], tmp_path)
+    # A config that names it as a string (a user's own method config) is told the known names
+    cfg = compose_config([], tmp_path)
+    cfg.method.similarity = "ncc"
     with pytest.raises(
         ConfigError, match="Setting 'method.similarity': is 'ncc', not a similarity. Use one of mse, lncc"
     ):
