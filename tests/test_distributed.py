@@ -18,11 +18,20 @@ def train(run_dir: Path, *args: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("score_residual", "method", "rel"),
-    [("reuse", "adacs_normalised", 1e-3), ("recompute", "adacs_normalised", 1e-3), ("reuse", "adacs", 5e-3)],
+RECOMPUTE = (  # the reference recipe's class with only its recomputed residual switched on
+    "method._target_=adacs_lightning.ReferenceAdaCS",
+    "+method.score_residual=recompute",
+    "+method.reference_leak=false",
+    "+method.momentum_mode=paper",
 )
-def test_ddp_cpu_equals_one_process_with_the_same_global_batch(tmp_path, score_residual, method, rel):
+
+
+@pytest.mark.parametrize(
+    ("settings", "method", "rel"),
+    [((), "adacs_normalised", 1e-3), (RECOMPUTE, "adacs_normalised", 1e-3), ((), "adacs", 5e-3)],
+    ids=["normalised", "recompute", "default"],
+)
+def test_ddp_cpu_equals_one_process_with_the_same_global_batch(tmp_path, settings, method, rel):
     """2 ranks × 2 pairs = 1 process × 4 pairs, through warm-up A, warm-up B and the joint phase.
 
     The ranks' samplers split the same seeded permutation, DDP averages the gradients of the
@@ -34,9 +43,8 @@ def test_ddp_cpu_equals_one_process_with_the_same_global_batch(tmp_path, score_r
     own two pairs instead of all four). The default AdaCS (``method=adacs``) also calibrates κ from the
     warm-up residuals, averaged over the ranks; κ amplifies the rounding into m_T, so 5e-3 there.
     """
-    setting = f"method.score_residual={score_residual}"  # one backward pass per step, or two
-    ddp = train(tmp_path / "ddp", "trainer=ddp_cpu", "data.batch_size=2", setting, f"method={method}")
-    single = train(tmp_path / "single", "trainer=cpu", "data.batch_size=4", setting, f"method={method}")
+    ddp = train(tmp_path / "ddp", "trainer=ddp_cpu", "data.batch_size=2", f"method={method}", *settings)
+    single = train(tmp_path / "single", "trainer=cpu", "data.batch_size=4", f"method={method}", *settings)
     assert ddp["epochs"] == single["epochs"] == 3
     for key in ("val/dice", "val/residual", "train/mu", "train/m"):
         assert ddp["metrics"][key] == pytest.approx(single["metrics"][key], rel=rel, abs=1e-6), key

@@ -260,3 +260,17 @@ def test_a_data_setting_error_names_the_key_once(tmp_path):
     cfg = compose_config(["data=camus", f"data.root={tmp_path}", "data.image_size=2"], tmp_path)
     with pytest.raises(ConfigError, match=r"Setting 'data\.image_size'"):
         build(cfg, "data")
+
+
+def test_runs_written_before_the_recipe_had_its_class_still_load(tmp_path):
+    """Their configs name AdaCS with the recipe's settings; AdaCS's own values of them are accepted and dropped."""
+    from adacs_lightning.checkpoint import _current_method_config
+
+    cfg = compose_config(["experiment=reference"], tmp_path)
+    cfg.method._target_ = "adacs_lightning.AdaCS"  # as such a run's .hydra/config.yaml says
+    method = _current_method_config(cfg.method)
+    assert method._target_ == "adacs_lightning.ReferenceAdaCS" and cfg.method._target_ == "adacs_lightning.AdaCS"
+    model = AdaCS(tiny_backbone(), score_residual="reuse", momentum_mode="paper", reference_leak=False)
+    assert "score_residual" not in model.hparams and type(model) is AdaCS
+    with pytest.raises(ConfigError, match="reference_leak.*reference recipe"):
+        AdaCS(tiny_backbone(), reference_leak=True)

@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from .backbones import Backbone, as_backbone
+from .choices import REFERENCE_RECIPE_SETTINGS
 from .errors import AdaCSError
 
 BACKBONE_CONFIG_KEY = "adacs_backbone_config"
@@ -79,7 +80,8 @@ def load_method(checkpoint_path: str | Path, config: Any, map_location: str | to
             "method's similarity, λ and scorer cannot be rebuilt. Give the run folder."
         )
     try:
-        model = instantiate(config.method, backbone=instantiate(config.backbone, _convert_="all"))
+        method = _current_method_config(config.method)
+        model = instantiate(method, backbone=instantiate(config.backbone, _convert_="all"))
     except Exception as error:  # Hydra wraps whatever the classes raise
         cause = error.__cause__ or error
         raise AdaCSError(
@@ -99,6 +101,18 @@ def load_method(checkpoint_path: str | Path, config: Any, map_location: str | to
         )
     model.requires_grad_(False)
     return model.eval()
+
+
+def _current_method_config(method: Any) -> Any:
+    """A run's method config as this version builds it: runs written before the reference recipe had its
+    own class name ``AdaCS`` with the recipe's settings, which now select ``ReferenceAdaCS``."""
+    target = str(method.get("_target_", ""))
+    if target.rsplit(".", 1)[-1] != "AdaCS":
+        return method
+    if any(method.get(key, own) != own for key, own in REFERENCE_RECIPE_SETTINGS.items()):
+        method = method.copy()
+        method["_target_"] = "adacs_lightning.ReferenceAdaCS"
+    return method
 
 
 def save_backbone(checkpoint_path: str | Path, output_path: str | Path) -> Path:

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ..choices import REFERENCE_RECIPE_SETTINGS
 from ..correspondence import REFERENCE_LEVEL, ResidualLevels, shift_min_residual
 from ..errors import ConfigError
 from ..losses import masked_mean, scoring_loss
@@ -29,11 +30,6 @@ from .settings import PAPER, WARMUP_EPOCHS, check_adacs_settings
 from .steps import Cycle, step
 
 Tensor = torch.Tensor
-
-#: Settings of the reference recipe (:class:`~adacs_lightning.methods.reference.ReferenceAdaCS`) and the value
-#: AdaCS itself trains with; AdaCS accepts that value (checkpoints written before the recipe had its class hold it).
-REFERENCE_SETTINGS = {"score_residual": "reuse", "momentum_mode": "paper", "reference_leak": False}
-
 
 @dataclass
 class MicroBatch:
@@ -324,10 +320,13 @@ class AdaCS(RegistrationModule):
 
 
 def _accept_reference_settings(module: nn.Module, settings: dict[str, Any]) -> None:
-    """Take the reference recipe's settings out of ``settings`` when they hold AdaCS's own values; refuse others."""
+    """Take the reference recipe's settings out of ``settings`` when they hold AdaCS's own values; refuse others.
+
+    Checkpoints written before the recipe had its own class hold those settings among AdaCS's.
+    """
     if getattr(module, "reference_recipe", False):
         return
-    for name, own in REFERENCE_SETTINGS.items():
+    for name, own in REFERENCE_RECIPE_SETTINGS.items():
         if name in settings and settings.pop(name) != own:
             raise ConfigError(
                 name,
