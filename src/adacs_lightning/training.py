@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import BACKBONE_CONFIG_KEY, save_backbone
+from .configs import options_with_key
 from .errors import AdaCSError, ConfigError
 from .loggers import HistoryCSVLogger, define_summaries, log_backbone_artifact
 
@@ -127,8 +128,6 @@ def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
             raise ConfigError(setting, cause.problem, cause.fix) from cause
         unknown = _unexpected_keyword(cause)
         if unknown is not None:
-            from .cli.preflight import options_with_key
-
             owners = options_with_key(group, unknown)
             hint = f" It is a setting of {group}={' or '.join(owners)}: add {group}={owners[0]}." if owners else ""
             raise ConfigError(

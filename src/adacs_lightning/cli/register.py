@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from ..choices import INTENSITY_MODES, REFINE_WEIGHTS
+from ..configs import run_folder, run_setting
 from ..errors import AdaCSError, check_writable
-from .common import HelpFormatter, console_main, run_setting
+from .common import HelpFormatter, console_main
 
 GRID_CHOICES = ("refuse", "resample")
 #: Metrics of the network alone that metrics.csv keeps beside the refined ones (network_<name>).
@@ -183,7 +184,6 @@ def build_refiner(model: Path, checkpoint: Path, args: argparse.Namespace, devic
     from ..checkpoint import load_method
     from ..evaluation.runs import best_checkpoint
     from ..refine import Refiner
-    from .common import run_folder
 
     folder = run_folder(model)
     if folder is None:

@@ -6,7 +6,6 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +13,10 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from ..cli.common import run_folder
+from ..configs import compose, group_options, run_folder
 from ..data.pairs import SPLITS
 from ..errors import AdaCSError, ConfigError
 
-_CONFIG_PACKAGE = "adacs_lightning.conf"
 # Settings that change how pairs are loaded or where files go, not which pairs: left out of data_key.
 _LOADING_KEYS = ("batch_size", "num_workers", "cache_workers", "output_dir", "strict")
 
@@ -190,22 +188,10 @@ def _load_data_option(name: str) -> DictConfig:
         if "defaults" in config:
             raise ConfigError("data", f"'{name}' has a defaults list.", "Give the composed data config (--cfg job).")
         return config
-    package = resources.files(_CONFIG_PACKAGE).joinpath("data")
-    if not package.joinpath(f"{name}.yaml").is_file():
-        options = sorted(p.name.removesuffix(".yaml") for p in package.iterdir() if p.name.endswith(".yaml"))
+    options = group_options("data")
+    if name not in options:
         raise ConfigError("data", f"no data config named '{name}'.", f"Choose one of {options} or a YAML file.")
-    return compose_config([f"data={name}"]).data
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """``adacs-train``'s config composed with ``overrides`` (no Hydra run: ``hydra:`` interpolations unresolved)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra application: compose in its context
-        return compose(config_name="config", overrides=overrides)
-    with initialize_config_module(config_module=_CONFIG_PACKAGE, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose([f"data={name}"]).data
 
 
 def data_key(config: dict[str, Any], split: str = "test") -> str:
