@@ -1,10 +1,10 @@
 """The config tree and the run folders it describes: ``conf/``, shipped as the package ``adacs_lightning.conf``.
 
 The one place that knows the config package's name, composes ``adacs-train``'s config from
-overrides, reads the primary config's defaults list and the keys of each group's options, and
-finds the run folder (``.hydra/config.yaml``) a checkpoint belongs to. Only OmegaConf is imported
-here, and Hydra when a config is composed, so that the command-line tools can use it without
-loading PyTorch.
+overrides, reads the primary config's defaults list and the keys of each group's options, checks
+what every entry point checks (the schedule's length), and finds the run folder
+(``.hydra/config.yaml``) a checkpoint belongs to. Only OmegaConf is imported here, and Hydra when
+a config is composed, so that the command-line tools can use it without loading PyTorch.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -120,6 +122,21 @@ def _option_file_keys(group: str) -> dict[str, frozenset[str]]:
 def options_with_key(group: str, key: str) -> list[str]:
     """The options of config ``group`` whose file sets ``key`` (e.g. ``data``, ``csv`` → ``["folder"]``)."""
     return sorted(option for option, keys in _option_file_keys(group).items() if key in keys)
+
+
+def check_epochs(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for a schedule of no epochs (``trainer.max_epochs`` below 1, not -1)."""
+    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    if cfg.get("backbone_epochs") is not None or epochs is None:
+        return
+    try:
+        count = int(epochs)
+    except (TypeError, ValueError):  # not a number: Lightning names it
+        return
+    if count < 1 and count != -1:
+        raise ConfigError(
+            "trainer.max_epochs", f"must be at least 1, got {epochs}: nothing would be trained.", "E.g. 20."
+        )
 
 
 def run_folder(model: Path) -> Path | None:

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import BACKBONE_CONFIG_KEY, save_backbone
-from .configs import options_with_key
+from .configs import check_epochs, options_with_key
 from .errors import AdaCSError, ConfigError
 from .loggers import HistoryCSVLogger, define_summaries, log_backbone_artifact
 
@@ -61,11 +61,7 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(
             "final_checkpoint", f"must be 'best' or 'last', got {cfg.final_checkpoint!r}.", "The default is best."
         )
-    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
-    if cfg.get("backbone_epochs") is None and epochs is not None and int(epochs) < 1 and int(epochs) != -1:
-        raise ConfigError(
-            "trainer.max_epochs", f"must be at least 1, got {epochs}: nothing would be trained.", "E.g. 20."
-        )
+    check_epochs(cfg)
 
 
 def resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:

@@ -46,7 +46,7 @@ def preflight(argv: list[str]) -> None:
         return  # an experiment that always sweeps
     _check_top_level_keys(cfg)
     _check_group_keys(cfg, overrides)
-    _check_epochs(cfg)
+    configs.check_epochs(cfg)
     _check_run_folder(cfg, overrides)
 
 
@@ -150,14 +150,6 @@ def _option_keys(group: str, option: str) -> frozenset[str] | None:
         return None
     node = OmegaConf.select(cfg, group)
     return frozenset(node) if isinstance(node, DictConfig) else None
-
-
-def _check_epochs(cfg: DictConfig) -> None:
-    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
-    if cfg.get("backbone_epochs") is None and isinstance(epochs, int) and epochs < 1 and epochs != -1:
-        raise PreflightError(
-            "trainer.max_epochs", f"must be at least 1, got {epochs}: nothing would be trained.", "E.g. 20."
-        )
 
 
 def _check_run_folder(cfg: DictConfig, overrides: list[str]) -> None:
