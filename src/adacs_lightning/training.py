@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -23,6 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import BACKBONE_CONFIG_KEY, save_backbone
+from .checkpoint_io import UnreadableCheckpoint, read_checkpoint
 from .configs import check_epochs, options_with_key
 from .errors import AdaCSError, ConfigError
 from .loggers import HistoryCSVLogger, define_summaries, log_backbone_artifact
@@ -74,8 +74,9 @@ def resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
     if ckpt is None:
         return None
     try:
-        checkpoint = torch.load(str(ckpt), map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for a damaged file
+        checkpoint = read_checkpoint(str(ckpt))
+    except UnreadableCheckpoint as unreadable:
+        error = unreadable.cause
         raise ConfigError(
             "ckpt_path",
             f"'{ckpt}' is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}); "

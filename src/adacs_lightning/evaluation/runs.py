@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from ..checkpoint_io import read_checkpoint
 from ..configs import compose, group_options, run_folder
 from ..data.pairs import SPLITS
 from ..errors import AdaCSError, ConfigError
@@ -122,10 +122,7 @@ def _checkpoint_header(path: Path) -> tuple[str, dict | None, str]:
     """
     from ..checkpoint import BACKBONE_CONFIG_KEY, SIMILARITY_KEY, method_of
 
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for a damaged file
-        raise AdaCSError(f"'{path}' could not be read as a checkpoint ({type(error).__name__}: {error}).") from error
+    checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise AdaCSError(f"'{path}' is not an adacs-train checkpoint (no state_dict).")
     # Files written before checkpoints recorded it were trained with the squared error.
