@@ -2,14 +2,15 @@
 
 The one place that knows the config package's name, composes ``adacs-train``'s config from
 overrides, reads the primary config's defaults list and the keys of each group's options, checks
-what every entry point checks (the schedule's length), and finds the run folder
-(``.hydra/config.yaml``) a checkpoint belongs to. Only OmegaConf is imported here, and Hydra when
-a config is composed, so that the command-line tools can use it without loading PyTorch.
+what every entry point checks (the schedule's length), names the network a backbone config
+builds, and finds the run folder (``.hydra/config.yaml``) a checkpoint belongs to. Only OmegaConf
+is imported here, and Hydra when a config is composed, so that the command-line tools can use it
+without loading PyTorch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -137,6 +138,28 @@ def check_epochs(cfg: DictConfig) -> None:
         raise ConfigError(
             "trainer.max_epochs", f"must be at least 1, got {epochs}: nothing would be trained.", "E.g. 20."
         )
+
+
+def backbone_network(config: Mapping[str, Any] | None) -> str | None:
+    """The class a backbone config builds: a wrapped network's ``net._target_``, else its ``_target_``."""
+    net = (config or {}).get("net")
+    return (net.get("_target_") if isinstance(net, Mapping) else None) or (config or {}).get("_target_")
+
+
+def backbone_dims(config: Mapping[str, Any] | None) -> int | None:
+    """The dimensionality a backbone config sets (its ``spatial_dims`` or its network's), None if it sets none."""
+    net = (config or {}).get("net")
+    return (config or {}).get("spatial_dims") or (net.get("spatial_dims") if isinstance(net, Mapping) else None)
+
+
+def backbone_name(config: Mapping[str, Any] | None, unknown: str = "backbone") -> str:
+    """The short class name of the network a backbone config builds (``LocalNet``); ``unknown`` if it names none."""
+    return str(backbone_network(config) or unknown).rsplit(".", 1)[-1]
+
+
+def describe_backbone(config: Mapping[str, Any] | None) -> str:
+    """A backbone config in words, e.g. ``2D LocalNet`` (``?`` for what it does not say)."""
+    return f"{backbone_dims(config) or '?'}D {backbone_name(config, '?')}"
 
 
 def run_folder(model: Path) -> Path | None:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import BACKBONE_CONFIG_KEY, save_backbone
 from .checkpoint_io import UnreadableCheckpoint, read_checkpoint
-from .configs import check_epochs, options_with_key
+from .configs import backbone_dims, backbone_network, check_epochs, describe_backbone, options_with_key
 from .errors import AdaCSError, ConfigError
 from .loggers import HistoryCSVLogger, define_summaries, log_backbone_artifact
 
@@ -89,29 +89,15 @@ def resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
     wanted = OmegaConf.to_container(cfg.backbone, resolve=True)
     if stored is not None:
         # The network (a wrapped MONAI network's own class, not the adapter's) and its dimensionality.
-        for read, setting in ((_network, "backbone"), (_dims, "data.spatial_dims")):
+        for read, setting in ((backbone_network, "backbone"), (backbone_dims, "data.spatial_dims")):
             if read(stored) is not None and read(wanted) is not None and read(stored) != read(wanted):
                 raise ConfigError(
                     "ckpt_path",
-                    f"'{ckpt}' holds a {_describe(stored)} backbone, but this run builds a {_describe(wanted)} one.",
-                    f"Resume with the checkpoint's {setting} (the {_describe(stored)} one), or start afresh.",
+                    f"'{ckpt}' holds a {describe_backbone(stored)} backbone, "
+                    f"but this run builds a {describe_backbone(wanted)} one.",
+                    f"Resume with the checkpoint's {setting} (the {describe_backbone(stored)} one), or start afresh.",
                 )
     return checkpoint
-
-
-def _network(config: dict) -> str | None:
-    """The class a backbone config builds: a wrapped network's ``net._target_``, else its ``_target_``."""
-    net = config.get("net")
-    return (net.get("_target_") if isinstance(net, dict) else None) or config.get("_target_")
-
-
-def _dims(config: dict) -> int | None:
-    net = config.get("net")
-    return config.get("spatial_dims") or (net.get("spatial_dims") if isinstance(net, dict) else None)
-
-
-def _describe(config: dict) -> str:
-    return f"{_dims(config) or '?'}D {str(_network(config) or '?').rsplit('.', 1)[-1]}"
 
 
 def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:

@@ -13,7 +13,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint_io import read_checkpoint
-from ..configs import compose, group_options, run_folder
+from ..configs import backbone_name, compose, group_options, run_folder
 from ..data.pairs import SPLITS
 from ..errors import AdaCSError, ConfigError
 
@@ -107,7 +107,7 @@ def resolve_run(path: str | Path, checkpoint: str = "selected") -> Run:
         raise AdaCSError(f"'{path}' is not a run folder of adacs-train (no .hydra/config.yaml): give a checkpoint.")
     checkpoint_path = checkpoint_file or best_checkpoint(folder, checkpoint)
     stored_method, backbone_config, similarity = _checkpoint_header(checkpoint_path)
-    backbone = (choices or {}).get("backbone") or _backbone_name(backbone_config)
+    backbone = (choices or {}).get("backbone") or backbone_name(backbone_config)
     method = (choices or {}).get("method") or stored_method
     seed = config.get("seed") if config is not None else None
     seed = None if seed is None else int(seed)
@@ -128,13 +128,6 @@ def _checkpoint_header(path: Path) -> tuple[str, dict | None, str]:
     # Files written before checkpoints recorded it were trained with the squared error.
     similarity = str(checkpoint.get(SIMILARITY_KEY, "SquaredError()"))
     return method_of(checkpoint) or "unknown", checkpoint.get(BACKBONE_CONFIG_KEY), similarity
-
-
-def _backbone_name(config: dict | None) -> str:
-    if not config:
-        return "backbone"
-    target = (config.get("net") or {}).get("_target_") or config.get("_target_", "backbone")
-    return str(target).rsplit(".", 1)[-1]
 
 
 def data_config(
