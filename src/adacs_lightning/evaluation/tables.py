@@ -23,21 +23,6 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a CSV written by :func:`write_csv`, numbers parsed back to float (empty cells to NaN)."""
-    with Path(path).open(newline="") as handle:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-
-
-def _parse(value: str) -> Any:
-    if value == "":
-        return math.nan
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table; ``|`` inside cells is escaped."""
 
