@@ -179,3 +179,8 @@ def run_setting(model: Path, key: str, default: Any = None) -> Any:
         return default
     value = OmegaConf.select(OmegaConf.load(folder / RUN_CONFIG), key, default=default)
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def run_folders_in(folder: Path) -> list[Path]:
+    """The run folders (with ``.hydra/config.yaml``) directly inside ``folder``, e.g. a sweep's jobs, sorted."""
+    return sorted(p for p in folder.iterdir() if (p / RUN_CONFIG).is_file())

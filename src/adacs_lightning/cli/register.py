@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..choices import INTENSITY_MODES, REFINE_WEIGHTS
-from ..configs import run_folder, run_setting
+from ..configs import RUN_CONFIG, run_folder, run_setting
 from ..errors import AdaCSError, check_writable
 from .common import HelpFormatter, console_main
 
@@ -192,7 +192,7 @@ def build_refiner(model: Path, checkpoint: Path, args: argparse.Namespace, devic
             "the refinement optimises with): give --model the run folder or a checkpoint inside it."
         )
     ckpt = checkpoint if str(checkpoint).endswith(".ckpt") else best_checkpoint(folder)
-    method = load_method(ckpt, OmegaConf.load(folder / ".hydra" / "config.yaml"))
+    method = load_method(ckpt, OmegaConf.load(folder / RUN_CONFIG))
     has_scorer = getattr(method, "scorer", None) is not None
     weights = args.refine_weights or ("score" if has_scorer else "none")
     if weights == "score" and not has_scorer:

@@ -13,7 +13,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint_io import read_checkpoint
-from ..configs import backbone_name, compose, group_options, run_folder
+from ..configs import RUN_CONFIG, backbone_name, compose, group_options, run_folder
 from ..data.pairs import SPLITS
 from ..errors import AdaCSError, ConfigError
 
@@ -98,8 +98,8 @@ def resolve_run(path: str | Path, checkpoint: str = "selected") -> Run:
     else:
         raise AdaCSError(f"No checkpoint or run folder at '{path}': give a run folder or a .ckpt / backbone.pt file.")
     config = choices = None
-    if folder is not None and (folder / ".hydra" / "config.yaml").is_file():
-        config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    if folder is not None and (folder / RUN_CONFIG).is_file():
+        config = OmegaConf.load(folder / RUN_CONFIG)
         hydra_file = folder / ".hydra" / "hydra.yaml"
         if hydra_file.is_file():
             choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices")
