@@ -379,6 +379,17 @@ def draw_momentum(steps: list[int], mu: list[float], m: list[float], phases: lis
     return fig
 
 
+def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
+    """Write a matplotlib figure to ``path`` (PNG), creating the folder; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write a uint8 ``(H, W)`` or ``(H, W, 3)`` image as PNG, creating the folder."""
     from PIL import Image

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configs import run_setting
+from ..figures import save_figure
 from .runs import differing_overrides
 from .stats import mean_std
 from .tables import format_mean_std, markdown_table
@@ -109,10 +110,7 @@ def parameter_plot(
         ax.set_xscale("log")
     ax.set(xlabel=table[0]["axis"], ylabel=label, title=f"{label} against {table[0]['axis']} (mean ± std)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def sweep_rows(folders: Sequence[Path]) -> list[dict[str, Any]]:
