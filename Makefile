@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch; set TORCH_SPEC="torch" (or a CUDA build) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install train test test-slow test-all lint format clean
+.PHONY: install train test test-slow test-all lint format config-reference clean
 
 install: $(VENV)/.installed
 
@@ -37,13 +37,17 @@ test-all: test test-slow
 
 ## Lint and format checks (ruff), as CI runs them.
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 
 ## Fix what ruff can fix and format the code.
 format: install
-	$(BIN)/ruff check --fix src tests benchmarks
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks tools
+	$(BIN)/ruff format src tests benchmarks tools
+
+## Regenerate docs/configuration.md and the README's table of config groups from the comments in conf/.
+config-reference: install
+	$(BIN)/python tools/config_reference.py --write
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from step_time import Batches, FixedPhase, parameter_count, run_steps  # same folder
 from torch.utils.data import DataLoader
 
 from adacs_lightning import ScoringNetwork
+from adacs_lightning.configs import compose
 from adacs_lightning.schedule import Phase
 
 warnings.filterwarnings("ignore")
@@ -48,8 +48,7 @@ TINY = yaml.safe_load((Path(__file__).with_name("narrow_backbones.yaml")).read_t
 
 def build_backbone(name: str, spatial_dims: int, size: int, tiny: bool):
     overrides = [f"backbone={name}", f"data.spatial_dims={spatial_dims}", f"data.image_size={size}"]
-    with initialize_config_module("adacs_lightning.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides + (TINY[name] if tiny else []))
+    cfg = compose(overrides + (TINY[name] if tiny else []))
     torch.manual_seed(0)
     return instantiate(cfg.backbone, _convert_="all")
 

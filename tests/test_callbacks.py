@@ -6,7 +6,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from adacs_lightning.callbacks import PANELS, ProgressBar, RegistrationImages, registration_panels
+from adacs_lightning.callbacks import ProgressBar, RegistrationImages
+from adacs_lightning.figures import PANELS, registration_panels
 
 from .helpers.training import tiny_datamodule, tiny_model, tiny_trainer
 

@@ -12,7 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 from adacs_lightning import AdaCSError, load_backbone
-from adacs_lightning.cli.overrides import default_groups, normalise_overrides
+from adacs_lightning.cli.overrides import normalise_overrides
+from adacs_lightning.configs import default_groups
 from adacs_lightning.training import train
 
 from .helpers.configs import compose_config

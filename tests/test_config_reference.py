@@ -1,15 +1,27 @@
-"""The configuration reference: comments parsed, undocumented keys caught, generated files current."""
+"""The configuration reference (tools/config_reference.py): comments parsed, undocumented keys caught, generated files current."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from adacs_lightning import config_reference as ref
-
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name: str):
+    """A script of tools/ imported as a module (the tools are not part of the installed package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+ref = _load_tool("config_reference")
 
 SAMPLE = """\
 # @package _global_
@@ -120,3 +132,11 @@ def test_reference_and_readme_table_are_current(capsys):
 def test_readme_block_is_required():
     with pytest.raises(ValueError, match="config-groups"):
         ref.replace_readme_table("no markers here", "| table |")
+
+
+def test_defaults_entries_name_their_group_and_option():
+    text = (
+        "# @package _global_\ndefaults:\n  # The data.\n  - override /data: acdc  # a note\n  - common/files@_here_\n"
+    )
+    config = ref.parse_config_file(text, group="experiment", option="sample")
+    assert config.defaults == {"data": ("The data.", "acdc")}

@@ -231,9 +231,9 @@ def test_a_briefly_trained_scorer_finds_the_target_only_structures(extra_structu
 # ---------------------------------------------------------------------------- evaluation
 def test_adacs_eval_reports_where_the_score_falls(tmp_path):
     from adacs_lightning.cli import evaluate as evaluate_cli
-    from adacs_lightning.evaluation.tables import read_csv
 
     from .helpers.runs import make_run_folder
+    from .helpers.tables import read_csv
 
     runs = [make_run_folder(tmp_path / "a", method="baseline"), make_run_folder(tmp_path / "b", method="adacs")]
     out = tmp_path / "report"

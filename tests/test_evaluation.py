@@ -14,10 +14,10 @@ from torch import nn
 
 from adacs_lightning.cli import evaluate as evaluate_cli
 from adacs_lightning.evaluation import CaseEvaluator, iterate_pairs, paired_test
-from adacs_lightning.evaluation.tables import read_csv
 from adacs_lightning.metrics import dice_per_label, folding_percentage, surface_distances_per_label
 
 from .helpers.runs import make_run_folder, save_tiny_checkpoint
+from .helpers.tables import read_csv
 from .helpers.training import BIN, run_command
 
 SPACING = (2.0, 0.5)  # mm along axis 0 and axis 1

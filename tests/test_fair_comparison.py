@@ -13,9 +13,9 @@ from adacs_lightning.evaluation.fair import (
     grid_edges,
     validation_table,
 )
-from adacs_lightning.evaluation.tables import read_csv
 
 from .helpers.fakes import make_folder
+from .helpers.tables import read_csv
 from .helpers.training import adacs_train
 
 TINY_SWEEP = ["method=baseline,adacs_normalised,robust", "method.lam=0.01,0.05", "seed=0"]

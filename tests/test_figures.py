@@ -7,14 +7,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from adacs_lightning.callbacks import (
-    PANELS,
-    MomentumCurves,
-    RegistrationImages,
-    panel_tensors,
-    registration_figure,
-    registration_panels,
-)
+from adacs_lightning.callbacks import MomentumCurves, RegistrationImages
+from adacs_lightning.figures import PANELS, panel_tensors, registration_figure, registration_panels
 from adacs_lightning.methods import VarianceWeighted
 
 from .helpers.training import tiny_backbone, tiny_datamodule, tiny_model, tiny_trainer

@@ -136,7 +136,8 @@ def test_register_refine_needs_the_run_folder(tmp_path, capsys):
 
 def test_eval_shows_network_and_refined_side_by_side(tmp_path, run_folder):
     from adacs_lightning.cli import evaluate as evaluate_cli
-    from adacs_lightning.evaluation.tables import read_csv
+
+    from .helpers.tables import read_csv
 
     out = tmp_path / "report"
     evaluate_cli.run([str(run_folder), "-o", str(out), "--device", "cpu", "--figures", "0", "--refine", "5"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import resources
-
 import lightning as L
 import pytest
 import torch
@@ -11,13 +9,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from adacs_lightning import NonFiniteLossError
+from adacs_lightning.configs import config_file
 
 from .helpers.training import tiny_datamodule, tiny_model, tiny_trainer
 
 
 def checkpoints(folder):
     """The checkpoint callbacks of conf/config.yaml: best by val/dice, and last.ckpt after every epoch."""
-    cfg = OmegaConf.load(resources.files("adacs_lightning.conf").joinpath("config.yaml"))
+    cfg = OmegaConf.create(config_file("config.yaml").read_text())
     callbacks = []
     for key in ("checkpoint", "last_checkpoint"):
         settings = OmegaConf.to_container(cfg.callbacks[key])

@@ -92,7 +92,10 @@ def test_probe_fixed_shadow_darkens_both_frames_at_the_same_place(shape):
 
 
 def test_speckle_is_multiplicative_with_unit_mean():
-    from adacs_lightning.data.phantom import _speckle
+    from adacs_lightning.data.phantom import apply_speckle, speckle_field
+
+    def _speckle(image, level, gen):  # a fresh field, as make_pair draws the source's
+        return apply_speckle(image, speckle_field(tuple(image.shape[1:]), gen), level)
 
     image = torch.cat([torch.full((1, 64, 32), 0.1), torch.full((1, 64, 32), 0.8)], dim=2)
     speckled = _speckle(image, 1.0, torch.Generator().manual_seed(0))

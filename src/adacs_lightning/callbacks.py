@@ -1,4 +1,4 @@
-"""Callbacks and figures that show what a run does: the schedule phase, registration panels, μ_T / m_T curves."""
+"""Callbacks that show what a run does: the schedule phase, registration panels, μ_T / m_T curves, its health."""
 
 from __future__ import annotations
 
@@ -11,125 +11,8 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
 
-from .losses import squared_residual
-from .warping import warp_block
-
-PANELS = ("source", "target", "warped", "error", "score", "reweighted error", "displacement")
-
-
-def _middle_slice(image: torch.Tensor) -> torch.Tensor:
-    """``(C, *spatial)`` → ``(H, W)``: channel 0, the middle slice along the first axis in 3D."""
-    image = image[0]
-    return image[image.shape[0] // 2] if image.ndim == 3 else image
-
-
-def _to_unit(panel: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    scale = float(panel.max()) if scale is None else scale
-    return (panel / scale).clamp(0, 1) if scale > 0 else torch.zeros_like(panel)
-
-
-def score_map(module, fixed: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
-    """The per-voxel weight a method gives the residual ``(B, 1, *spatial)`` in [0, 1], or None (Ŝ ≡ 1).
-
-    The method's :meth:`~adacs_lightning.methods.RegistrationModule.weight_map`; None for a bare backbone.
-    """
-    weight_map = getattr(module, "weight_map", None)
-    return weight_map(fixed, residual) if weight_map is not None else None
-
-
-def _grid_image(shape: tuple[int, ...], spacing: int = 4, like: torch.Tensor | None = None) -> torch.Tensor:
-    """``(1, 1, *shape)``: lines of 1 every ``spacing`` voxels along each in-plane axis (last two), 0 elsewhere."""
-    grid = torch.zeros((1, 1, *shape), dtype=like.dtype if like is not None else torch.float32)
-    grid[..., ::spacing, :] = 1.0
-    grid[..., :, ::spacing] = 1.0
-    return grid.to(like.device) if like is not None else grid
-
-
-@torch.no_grad()
-def panel_tensors(module, batch: dict, max_pairs: int = 2) -> list[dict[str, torch.Tensor]]:
-    """The panels of the first ``max_pairs`` pairs, one dict per pair.
-
-    ``module`` is a trained model (AdaCS or another method, with ``backbone``) or a bare backbone.
-    Each dict holds ``(*spatial)`` tensors: ``source``, ``target``, ``warped``, ``error``
-    (``|I_t − I_s∘φ|``, zero outside the field-of-view mask), ``score`` (ones without a
-    scorer), ``reweighted error`` (score · error), ``displacement`` (a regular grid warped by
-    the displacement, so its lines show the deformation), ``ddf`` ``(ndim, *spatial)`` in voxels
-    and ``scored`` (False when the method has no scorer).
-    """
-    backbone = getattr(module, "backbone", module)
-    batch = {k: v[:max_pairs] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    source, target = batch["source"], batch["target"]
-    ddf = backbone(source, target)
-    warp = warp_block("bilinear", "border")
-    warped = warp(source, ddf)
-    error = squared_residual(warped, target).sqrt()
-    residual = module.similarity(warped, target, batch.get("mask")) if hasattr(module, "similarity") else error**2
-    score = score_map(module, target, residual)
-    scored = score is not None
-    score = torch.ones_like(error) if score is None else score
-    if "mask" in batch:
-        error = error * batch["mask"]
-    grid = _grid_image(tuple(source.shape[2:]), like=source).expand(source.shape[0], -1, *source.shape[2:])
-    warped_grid = warp_block("bilinear", "zeros")(grid, ddf)
-    images = {
-        "source": source,
-        "target": target,
-        "warped": warped,
-        "error": error,
-        "score": score,
-        "reweighted error": score * error,
-        "displacement": warped_grid,
-    }
-    return [{**{k: v[i] for k, v in images.items()}, "ddf": ddf[i], "scored": scored} for i in range(source.shape[0])]
-
-
-@torch.no_grad()
-def registration_panels(module, batch: dict, max_pairs: int = 2) -> np.ndarray:
-    """A grid image, one row per pair: source, target, warped source, |error|, score map, score·|error|, warped grid.
-
-    Error panels share one intensity scale per row so that the two compare directly;
-    without a scorer the score panel is white (Ŝ ≡ 1). Returns ``(rows·H, 7·W)`` uint8.
-    """
-    rows = []
-    for pair in panel_tensors(module, batch, max_pairs):
-        err_scale = float(pair["error"].max())
-        scales = {"error": err_scale, "reweighted error": err_scale}
-        rows.append(torch.cat([_to_unit(_middle_slice(pair[k]), scales.get(k, 1.0)) for k in PANELS], dim=1))
-    grid = torch.cat(rows, dim=0).float().cpu().numpy()
-    return (grid * 255).round().astype(np.uint8)
-
-
-@torch.no_grad()
-def registration_figure(
-    module,
-    batch: dict,
-    max_pairs: int = 2,
-    case_ids: list[str] | None = None,
-    epoch: int | None = None,
-    split: str = "validation",
-) -> np.ndarray:
-    """The paper's Figure 4 layout with colour bars, units and orientation (:func:`adacs_lightning.figures.registration_figure`).
-
-    ``batch`` may carry ``meta`` with ``case_id``, ``spacing`` (mm) and ``direction`` (orientation).
-    """
-    from .figures import registration_figure as draw
-
-    pairs = panel_tensors(module, batch, max_pairs)
-    meta = batch.get("meta") or {}
-    ids = case_ids or ([str(c) for c in meta["case_id"][: len(pairs)]] if "case_id" in meta else None)
-    spacings = [meta["spacing"][i] for i in range(len(pairs))] if "spacing" in meta else None
-    directions = [meta["direction"][i] for i in range(len(pairs))] if "direction" in meta else None
-    return draw(pairs, ids, spacings, directions, epoch, split)
-
-
-def save_png(image: np.ndarray, path: str | Path) -> Path:
-    """Write a uint8 ``(H, W)`` or ``(H, W, 3)`` image as PNG, creating the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    return path
+from .figures import PANELS, labelled_strip, momentum_figure, registration_figure, registration_panels, save_png
 
 
 def log_image(loggers, key: str, image: np.ndarray, step: int, caption: str = "") -> None:
@@ -174,8 +57,6 @@ class RegistrationImages(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._batch is None or not self._due(trainer):
             return
-        from .figures import labelled_strip
-
         image = labelled_strip(registration_panels(pl_module, self._batch, self.max_pairs), PANELS)
         batch, self._batch = self._batch, None
         folder = Path(trainer.default_root_dir) / "figures"
@@ -247,15 +128,6 @@ def phase_spans(steps: list[int], phases: list[str]) -> list[tuple[str, int, int
         else:
             spans.append((phase, step, step))
     return spans
-
-
-def momentum_figure(
-    steps: list[int], mu: list[float], m: list[float], phases: list[tuple[str, int, int]] | None = None
-) -> np.ndarray:
-    """``μ_T`` (log scale) and ``m_T`` against the update ``T`` (phases shaded), as an RGB uint8 image."""
-    from .figures import momentum_figure as draw
-
-    return draw(steps, mu, m, phases)
 
 
 class ProgressBar(TQDMProgressBar):

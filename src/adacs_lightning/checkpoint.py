@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from .backbones import Backbone, as_backbone
+from .checkpoint_io import read_checkpoint
 from .choices import REFERENCE_RECIPE_SETTINGS
 from .errors import AdaCSError
 
@@ -50,10 +51,7 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") ->
         raise AdaCSError(
             f"No checkpoint at '{path}': give the path of a .ckpt file (e.g. a run's checkpoints/last.ckpt)."
         )
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # torch raises several types for a damaged file
-        raise AdaCSError(f"'{path}' could not be read as a checkpoint ({type(error).__name__}: {error}).") from error
+    checkpoint = read_checkpoint(path, map_location)
     config = checkpoint.get(BACKBONE_CONFIG_KEY)
     if config is None:
         raise AdaCSError(
@@ -87,13 +85,10 @@ def load_method(checkpoint_path: str | Path, config: Any, map_location: str | to
         raise AdaCSError(
             f"The method of the run of '{checkpoint_path}' could not be rebuilt from its config: {cause}"
         ) from cause
-    try:
-        state = torch.load(checkpoint_path, map_location=map_location, weights_only=False)["state_dict"]
-    except Exception as error:  # torch raises several types for a damaged file
-        raise AdaCSError(
-            f"'{checkpoint_path}' could not be read as a checkpoint ({type(error).__name__}: {error})."
-        ) from error
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    checkpoint = read_checkpoint(checkpoint_path, map_location)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise AdaCSError(f"'{checkpoint_path}' could not be read as a checkpoint (it holds no state_dict).")
+    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
     if unexpected or any(not k.startswith(("val_", "train_")) for k in missing):
         raise AdaCSError(
             f"'{checkpoint_path}' does not match its run's config (missing {list(missing)[:3]}, unexpected "
@@ -121,7 +116,7 @@ def save_backbone(checkpoint_path: str | Path, output_path: str | Path) -> Path:
     The file keeps the backbone's weights and config and the name of the method that trained
     it (no scorer, no optimiser state) and is read back by :func:`load_backbone` like a checkpoint.
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(checkpoint_path)
     backbone_only = {
         "state_dict": {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")},
         BACKBONE_CONFIG_KEY: checkpoint.get(BACKBONE_CONFIG_KEY),

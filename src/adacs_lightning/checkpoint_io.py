@@ -1,4 +1,4 @@
-"""Checkpoints written atomically: a checkpoint file is replaced only once its successor is complete."""
+"""Checkpoint files: read by one reader, and written atomically (a file is replaced only once its successor is complete)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,26 @@ from .errors import AdaCSError
 
 class CheckpointWriteError(AdaCSError, OSError):
     """A checkpoint could not be written; the previous file of that name is intact."""
+
+
+class UnreadableCheckpoint(AdaCSError):
+    """A file torch cannot read as a checkpoint (truncated, or not a checkpoint at all); ``cause`` is torch's error."""
+
+    def __init__(self, path: str | Path, cause: Exception) -> None:
+        self.path, self.cause = path, cause
+        super().__init__(f"'{path}' could not be read as a checkpoint ({type(cause).__name__}: {cause}).")
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """What a checkpoint file (a ``.ckpt`` or ``backbone.pt``) holds; :class:`UnreadableCheckpoint` if it cannot be read.
+
+    The files hold configs and names beside the weights, so they are unpickled in full
+    (``weights_only=False``): read only checkpoints you trust.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch raises several types for a damaged file
+        raise UnreadableCheckpoint(path, error) from error
 
 
 def _is_write_failure(error: RuntimeError) -> bool:

@@ -1,5 +1,10 @@
 """Figures a reader can read: registration panels with colour bars, units, a scale bar and orientation.
 
+The panels of registered pairs (:func:`panel_tensors`), drawn as a plain strip
+(:func:`registration_panels`) or as the paper's Figure 4 layout (:func:`registration_figure`),
+the μ_T / m_T curves (:func:`momentum_figure`), and PNG files of them (:func:`save_png`): the
+callbacks draw them during training and the evaluation draws them per case.
+
 Views follow the image's orientation when the data records it (``meta["direction"]``: each array
 axis's unit vector in RAS): the radiological convention 3D Slicer uses, the patient's right on the
 left of the screen and anterior (or superior) at the top, marked on the panel edges. Without it
@@ -11,9 +16,13 @@ slice through the middle (the middle of axis 0 without an orientation).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from .losses import squared_residual
+from .warping import warp_block
 
 Tensor = torch.Tensor
 
@@ -26,6 +35,112 @@ FIGURE_COLUMNS = (
     ("score", "score $\\hat S$", "viridis", "score (0 to 1)"),
     ("reweighted error", "re-weighted error $\\hat S|e|$", "magma", "|error|"),
 )
+#: The panels of :func:`registration_panels`, left to right.
+PANELS = ("source", "target", "warped", "error", "score", "reweighted error", "displacement")
+
+
+def _middle_slice(image: Tensor) -> Tensor:
+    """``(C, *spatial)`` → ``(H, W)``: channel 0, the middle slice along the first axis in 3D."""
+    image = image[0]
+    return image[image.shape[0] // 2] if image.ndim == 3 else image
+
+
+def _to_unit(panel: Tensor, scale: float | None = None) -> Tensor:
+    scale = float(panel.max()) if scale is None else scale
+    return (panel / scale).clamp(0, 1) if scale > 0 else torch.zeros_like(panel)
+
+
+def score_map(module, fixed: Tensor, residual: Tensor) -> Tensor | None:
+    """The per-voxel weight a method gives the residual ``(B, 1, *spatial)`` in [0, 1], or None (Ŝ ≡ 1).
+
+    The method's :meth:`~adacs_lightning.methods.RegistrationModule.weight_map`; None for a bare backbone.
+    """
+    weight_map = getattr(module, "weight_map", None)
+    return weight_map(fixed, residual) if weight_map is not None else None
+
+
+def _grid_image(shape: tuple[int, ...], spacing: int = 4, like: Tensor | None = None) -> Tensor:
+    """``(1, 1, *shape)``: lines of 1 every ``spacing`` voxels along each in-plane axis (last two), 0 elsewhere."""
+    grid = torch.zeros((1, 1, *shape), dtype=like.dtype if like is not None else torch.float32)
+    grid[..., ::spacing, :] = 1.0
+    grid[..., :, ::spacing] = 1.0
+    return grid.to(like.device) if like is not None else grid
+
+
+@torch.no_grad()
+def panel_tensors(module, batch: dict, max_pairs: int = 2) -> list[dict[str, Tensor]]:
+    """The panels of the first ``max_pairs`` pairs, one dict per pair.
+
+    ``module`` is a trained model (AdaCS or another method, with ``backbone``) or a bare backbone.
+    Each dict holds ``(*spatial)`` tensors: ``source``, ``target``, ``warped``, ``error``
+    (``|I_t − I_s∘φ|``, zero outside the field-of-view mask), ``score`` (ones without a
+    scorer), ``reweighted error`` (score · error), ``displacement`` (a regular grid warped by
+    the displacement, so its lines show the deformation), ``ddf`` ``(ndim, *spatial)`` in voxels
+    and ``scored`` (False when the method has no scorer).
+    """
+    backbone = getattr(module, "backbone", module)
+    batch = {k: v[:max_pairs] for k, v in batch.items() if isinstance(v, Tensor)}
+    source, target = batch["source"], batch["target"]
+    ddf = backbone(source, target)
+    warp = warp_block("bilinear", "border")
+    warped = warp(source, ddf)
+    error = squared_residual(warped, target).sqrt()
+    residual = module.similarity(warped, target, batch.get("mask")) if hasattr(module, "similarity") else error**2
+    score = score_map(module, target, residual)
+    scored = score is not None
+    score = torch.ones_like(error) if score is None else score
+    if "mask" in batch:
+        error = error * batch["mask"]
+    grid = _grid_image(tuple(source.shape[2:]), like=source).expand(source.shape[0], -1, *source.shape[2:])
+    warped_grid = warp_block("bilinear", "zeros")(grid, ddf)
+    images = {
+        "source": source,
+        "target": target,
+        "warped": warped,
+        "error": error,
+        "score": score,
+        "reweighted error": score * error,
+        "displacement": warped_grid,
+    }
+    return [{**{k: v[i] for k, v in images.items()}, "ddf": ddf[i], "scored": scored} for i in range(source.shape[0])]
+
+
+@torch.no_grad()
+def registration_panels(module, batch: dict, max_pairs: int = 2) -> np.ndarray:
+    """A grid image, one row per pair: source, target, warped source, |error|, score map, score·|error|, warped grid.
+
+    Error panels share one intensity scale per row so that the two compare directly;
+    without a scorer the score panel is white (Ŝ ≡ 1). Returns ``(rows·H, 7·W)`` uint8.
+    """
+    rows = []
+    for pair in panel_tensors(module, batch, max_pairs):
+        err_scale = float(pair["error"].max())
+        scales = {"error": err_scale, "reweighted error": err_scale}
+        rows.append(torch.cat([_to_unit(_middle_slice(pair[k]), scales.get(k, 1.0)) for k in PANELS], dim=1))
+    grid = torch.cat(rows, dim=0).float().cpu().numpy()
+    return (grid * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def registration_figure(
+    module,
+    batch: dict,
+    max_pairs: int = 2,
+    case_ids: list[str] | None = None,
+    epoch: int | None = None,
+    split: str = "validation",
+) -> np.ndarray:
+    """The paper's Figure 4 layout (:func:`draw_registration`) of the first ``max_pairs`` pairs of ``batch``
+    registered by ``module``, as an RGB image ``(H, W, 3)`` uint8.
+
+    ``batch`` may carry ``meta`` with ``case_id``, ``spacing`` (mm) and ``direction`` (orientation).
+    """
+    pairs = panel_tensors(module, batch, max_pairs)
+    meta = batch.get("meta") or {}
+    ids = case_ids or ([str(c) for c in meta["case_id"][: len(pairs)]] if "case_id" in meta else None)
+    spacings = [meta["spacing"][i] for i in range(len(pairs))] if "spacing" in meta else None
+    directions = [meta["direction"][i] for i in range(len(pairs))] if "direction" in meta else None
+    return rasterise(draw_registration(pairs, ids, spacings, directions, epoch, split))
 
 
 @dataclass
@@ -88,12 +203,6 @@ def _scale_bar_length(width_mm: float) -> float:
     return 500.0
 
 
-@torch.no_grad()
-def registration_figure(pairs: list[dict[str, Tensor]], *args, **kwargs) -> np.ndarray:
-    """:func:`draw_registration` (the same arguments) as an RGB image ``(H, W, 3)`` uint8."""
-    return rasterise(draw_registration(pairs, *args, **kwargs))
-
-
 def rasterise(fig) -> np.ndarray:
     """A matplotlib figure as an RGB image ``(H, W, 3)`` uint8; the figure is closed."""
     import matplotlib.pyplot as plt
@@ -114,7 +223,7 @@ def draw_registration(
 ):
     """The paper's Figure 4 layout as a matplotlib figure, one row per pair, with colour bars.
 
-    ``pairs`` are :func:`~adacs_lightning.callbacks.panel_tensors` dicts. Columns: source, target
+    ``pairs`` are :func:`panel_tensors` dicts. Columns: source, target
     and warped source (intensity), the displacement's magnitude in mm under the deformed grid
     ``x + u(x)`` (every 4 voxels), the error ``|I_t − I_s∘φ|``, the score map ``Ŝ`` (0 to 1) and the
     re-weighted error on the error's scale. A scale bar in mm sits on the source; each row is titled
@@ -268,3 +377,24 @@ def draw_momentum(steps: list[int], mu: list[float], m: list[float], phases: lis
         ax_m.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
+    """Write a matplotlib figure to ``path`` (PNG), creating the folder; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 ``(H, W)`` or ``(H, W, 3)`` image as PNG, creating the folder."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path

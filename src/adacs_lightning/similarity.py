@@ -46,8 +46,6 @@ class Similarity(nn.Module):
 
     #: Residual scale ``κ`` of the momentum weight for this map (see the module docstring).
     kappa: float = SQUARED_ERROR_KAPPA
-    #: Unit of ``r`` for logs and docs.
-    unit: str = ""
 
     def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
         raise NotImplementedError
@@ -71,7 +69,6 @@ class SquaredError(Similarity):
     """
 
     kappa = SQUARED_ERROR_KAPPA
-    unit = "intensity²"
 
     def forward(self, warped: Tensor, fixed: Tensor, mask: Tensor | None = None) -> Tensor:
         return squared_residual(warped, fixed)
@@ -91,7 +88,6 @@ class LocalNCC(Similarity):
     """
 
     kappa = 2.0
-    unit = "1 − ncc²"
 
     def __init__(self, spatial_dims: int = 2, window: int = 9, kernel: str = "rectangular") -> None:
         super().__init__()
@@ -135,7 +131,6 @@ class MutualInformation(Similarity):
     """
 
     kappa = 0.5
-    unit = "nats"
 
     def __init__(self, bins: int = 23, sigma_ratio: float = 0.5) -> None:
         super().__init__()

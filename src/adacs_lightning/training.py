@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -23,6 +22,8 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoint import BACKBONE_CONFIG_KEY, save_backbone
+from .checkpoint_io import UnreadableCheckpoint, read_checkpoint
+from .configs import backbone_dims, backbone_network, check_epochs, describe_backbone, options_with_key
 from .errors import AdaCSError, ConfigError
 from .loggers import HistoryCSVLogger, define_summaries, log_backbone_artifact
 
@@ -60,11 +61,7 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(
             "final_checkpoint", f"must be 'best' or 'last', got {cfg.final_checkpoint!r}.", "The default is best."
         )
-    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
-    if cfg.get("backbone_epochs") is None and epochs is not None and int(epochs) < 1 and int(epochs) != -1:
-        raise ConfigError(
-            "trainer.max_epochs", f"must be at least 1, got {epochs}: nothing would be trained.", "E.g. 20."
-        )
+    check_epochs(cfg)
 
 
 def resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
@@ -77,8 +74,9 @@ def resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
     if ckpt is None:
         return None
     try:
-        checkpoint = torch.load(str(ckpt), map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for a damaged file
+        checkpoint = read_checkpoint(str(ckpt))
+    except UnreadableCheckpoint as unreadable:
+        error = unreadable.cause
         raise ConfigError(
             "ckpt_path",
             f"'{ckpt}' is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}); "
@@ -91,29 +89,15 @@ def resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
     wanted = OmegaConf.to_container(cfg.backbone, resolve=True)
     if stored is not None:
         # The network (a wrapped MONAI network's own class, not the adapter's) and its dimensionality.
-        for read, setting in ((_network, "backbone"), (_dims, "data.spatial_dims")):
+        for read, setting in ((backbone_network, "backbone"), (backbone_dims, "data.spatial_dims")):
             if read(stored) is not None and read(wanted) is not None and read(stored) != read(wanted):
                 raise ConfigError(
                     "ckpt_path",
-                    f"'{ckpt}' holds a {_describe(stored)} backbone, but this run builds a {_describe(wanted)} one.",
-                    f"Resume with the checkpoint's {setting} (the {_describe(stored)} one), or start afresh.",
+                    f"'{ckpt}' holds a {describe_backbone(stored)} backbone, "
+                    f"but this run builds a {describe_backbone(wanted)} one.",
+                    f"Resume with the checkpoint's {setting} (the {describe_backbone(stored)} one), or start afresh.",
                 )
     return checkpoint
-
-
-def _network(config: dict) -> str | None:
-    """The class a backbone config builds: a wrapped network's ``net._target_``, else its ``_target_``."""
-    net = config.get("net")
-    return (net.get("_target_") if isinstance(net, dict) else None) or config.get("_target_")
-
-
-def _dims(config: dict) -> int | None:
-    net = config.get("net")
-    return config.get("spatial_dims") or (net.get("spatial_dims") if isinstance(net, dict) else None)
-
-
-def _describe(config: dict) -> str:
-    return f"{_dims(config) or '?'}D {str(_network(config) or '?').rsplit('.', 1)[-1]}"
 
 
 def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
@@ -127,8 +111,6 @@ def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
             raise ConfigError(setting, cause.problem, cause.fix) from cause
         unknown = _unexpected_keyword(cause)
         if unknown is not None:
-            from .cli.preflight import options_with_key
-
             owners = options_with_key(group, unknown)
             hint = f" It is a setting of {group}={' or '.join(owners)}: add {group}={owners[0]}." if owners else ""
             raise ConfigError(

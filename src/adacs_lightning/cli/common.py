@@ -1,4 +1,4 @@
-"""What the command-line tools share: the console entry, a model's run folder and its settings (no PyTorch)."""
+"""What the command-line tools share: the help format and the console entry (no PyTorch)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ..errors import AdaCSError
@@ -42,24 +41,3 @@ def console_main(prog: str, run: Callable[[list[str]], Any], argv: list[str] | N
             file=sys.stderr,
         )
         raise SystemExit(2) from None
-
-
-def run_folder(model: Path) -> Path | None:
-    """The ``adacs-train`` run folder of ``model``: the folder itself, or the one a checkpoint lies in.
-
-    ``checkpoints/<name>.ckpt`` and ``backbone.pt`` sit one or two levels below their run folder, which
-    holds ``.hydra/config.yaml``; None when there is none.
-    """
-    candidates = [model] if model.is_dir() else [model.parent, model.parent.parent]
-    return next((p for p in candidates if (p / ".hydra" / "config.yaml").is_file()), None)
-
-
-def run_setting(model: Path, key: str, default: Any = None) -> Any:
-    """A setting (``data.image_size``…) of ``model``'s run config, as plain Python; ``default`` without one."""
-    from omegaconf import OmegaConf
-
-    folder = run_folder(model)
-    if folder is None:
-        return default
-    value = OmegaConf.select(OmegaConf.load(folder / ".hydra" / "config.yaml"), key, default=default)
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value

@@ -19,6 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from ..choices import REFINE_WEIGHTS
+from ..configs import run_folders_in
 from ..errors import AdaCSError, check_writable
 from .common import HelpFormatter, console_main
 
@@ -173,7 +174,7 @@ class CompareOnMultirunEnd(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        runs = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra" / "config.yaml").is_file())
+        runs = run_folders_in(sweep_dir)
         if not runs:
             log.warning("No run folders in %s: nothing to compare.", sweep_dir)
             return
@@ -247,7 +248,7 @@ class FairComparisonOnMultirunEnd(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         from ..evaluation.fair import fair_comparison, selection_summary
 
-        runs = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra" / "config.yaml").is_file())
+        runs = run_folders_in(sweep_dir)
         try:
             report = fair_comparison(runs, sweep_dir, device=self.device)
         except AdaCSError as error:

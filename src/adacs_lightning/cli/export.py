@@ -19,8 +19,9 @@ import json
 from pathlib import Path
 
 from ..choices import EXPORT_FORMATS
+from ..configs import run_setting
 from ..errors import AdaCSError, check_writable
-from .common import HelpFormatter, console_main, run_setting
+from .common import HelpFormatter, console_main
 
 
 def build_parser() -> argparse.ArgumentParser:

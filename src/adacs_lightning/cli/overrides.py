@@ -14,26 +14,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from importlib import resources
 
-from omegaconf import OmegaConf
+from ..configs import default_groups
 
-_CONFIG_PACKAGE = "adacs_lightning.conf"
 _GROUP_OVERRIDE = re.compile(r"^\+(?P<group>[A-Za-z_][\w-]*)=(?P<value>.*)$", re.DOTALL)
 _METHOD_SIMILARITY = re.compile(r"^(?P<prefix>\+{0,2})method\.similarity(?P<rest>[.=].*)$", re.DOTALL)
-
-
-def default_groups(config_package: str = _CONFIG_PACKAGE, config_name: str = "config") -> set[str]:
-    """Config groups named in the primary config's defaults list."""
-    text = resources.files(config_package).joinpath(f"{config_name}.yaml").read_text()
-    defaults = OmegaConf.create(text).get("defaults", [])
-    groups: set[str] = set()
-    for entry in defaults:
-        if isinstance(entry, str):
-            continue
-        for key in entry:
-            groups.add(str(key).removeprefix("override ").removeprefix("optional ").strip())
-    return groups
 
 
 def normalise_overrides(overrides: Sequence[str], groups: Iterable[str] | None = None) -> list[str]:

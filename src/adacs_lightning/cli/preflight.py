@@ -11,14 +11,13 @@ from __future__ import annotations
 import shutil
 import time
 from functools import cache
-from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .. import configs
 from ..errors import ConfigError, check_writable
 
-CONFIG_PACKAGE = "adacs_lightning.conf"
 #: Files that mark a folder as holding a run of adacs-train.
 RUN_MARKERS = ("summary.json", "checkpoints", "csv/metrics.csv", "backbone.pt")
 #: Flags after which Hydra only prints (help, config, completion): nothing to check.
@@ -47,7 +46,7 @@ def preflight(argv: list[str]) -> None:
         return  # an experiment that always sweeps
     _check_top_level_keys(cfg)
     _check_group_keys(cfg, overrides)
-    _check_epochs(cfg)
+    configs.check_epochs(cfg)
     _check_run_folder(cfg, overrides)
 
 
@@ -80,16 +79,10 @@ def _unparsable(override: str) -> bool:
 
 def compose(overrides: list[str]) -> DictConfig:
     """adacs-train's config for ``overrides``, with the ``hydra`` node; composition errors explained."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException, MissingConfigException
 
     try:
-        if GlobalHydra.instance().is_initialized():
-            return hydra_compose("config", overrides=overrides, return_hydra_config=True)
-        with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
-            return hydra_compose("config", overrides=overrides, return_hydra_config=True)
+        return configs.compose(overrides, hydra_node=True)
     except MissingConfigException as error:
         raise PreflightError("config group", str(error).strip()) from None
     except HydraException as error:
@@ -101,7 +94,7 @@ def _explain_composition_error(message: str) -> PreflightError:
     if first.startswith("Could not override '"):
         key = first.split("'")[1]
         group, _, sub = key.partition(".")
-        owners = options_with_key(group, sub) if sub else []
+        owners = configs.options_with_key(group, sub) if sub else []
         if owners:
             fix = (
                 f"'{sub}' is a setting of {group}={' / '.join(owners)}: select it too, "
@@ -113,37 +106,8 @@ def _explain_composition_error(message: str) -> PreflightError:
     return PreflightError("command line", " ".join(message.split()))
 
 
-@cache
-def _group_files(group: str) -> dict[str, set[str]]:
-    """option → its top-level keys, for every file of a config group (shared fragments included)."""
-    folder = resources.files(CONFIG_PACKAGE).joinpath(group)
-    if not folder.is_dir():
-        return {}
-    shared: set[str] = set()
-    common = folder.joinpath("common")
-    if common.is_dir():
-        for file in common.iterdir():
-            if file.name.endswith(".yaml"):
-                shared |= set(OmegaConf.create(file.read_text()) or {})
-    options = {}
-    for file in folder.iterdir():
-        if file.name.endswith(".yaml"):
-            keys = set(OmegaConf.create(file.read_text()) or {})
-            if "common/files@_here_" in file.read_text():
-                keys |= shared
-            options[file.name.removesuffix(".yaml")] = keys
-    return options
-
-
-def options_with_key(group: str, key: str) -> list[str]:
-    """The options of config ``group`` whose file sets ``key`` (e.g. ``data``, ``csv`` → ``["folder"]``)."""
-    return sorted(option for option, keys in _group_files(group).items() if key in keys)
-
-
 def _check_top_level_keys(cfg: DictConfig) -> None:
-    primary = OmegaConf.create(resources.files(CONFIG_PACKAGE).joinpath("config.yaml").read_text())
-    groups = {next(iter(entry)) for entry in primary.defaults if not isinstance(entry, str)}
-    known = set(primary) | groups | {"hydra"}
+    known = configs.primary_keys() | configs.default_groups() | {"hydra"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise PreflightError(
@@ -168,7 +132,7 @@ def _check_group_keys(cfg: DictConfig, overrides: list[str]) -> None:
         reference = _option_keys(group, str(option)) if option is not None else None
         if reference is None or sub in reference:
             continue
-        owners = options_with_key(group, sub)
+        owners = configs.options_with_key(group, sub)
         hint = f" It is a setting of {group}={' / '.join(owners)}: select that option." if owners else ""
         raise PreflightError(
             key,
@@ -186,14 +150,6 @@ def _option_keys(group: str, option: str) -> frozenset[str] | None:
         return None
     node = OmegaConf.select(cfg, group)
     return frozenset(node) if isinstance(node, DictConfig) else None
-
-
-def _check_epochs(cfg: DictConfig) -> None:
-    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
-    if cfg.get("backbone_epochs") is None and isinstance(epochs, int) and epochs < 1 and epochs != -1:
-        raise PreflightError(
-            "trainer.max_epochs", f"must be at least 1, got {epochs}: nothing would be trained.", "E.g. 20."
-        )
 
 
 def _check_run_folder(cfg: DictConfig, overrides: list[str]) -> None:

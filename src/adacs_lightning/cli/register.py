@@ -14,7 +14,6 @@ arguments are valid, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
-import csv
 import errno
 import inspect
 import json
@@ -25,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ..choices import INTENSITY_MODES, REFINE_WEIGHTS
+from ..configs import RUN_CONFIG, run_folder, run_setting
 from ..errors import AdaCSError, check_writable
-from .common import HelpFormatter, console_main, run_setting
+from .common import HelpFormatter, console_main
 
 GRID_CHOICES = ("refuse", "resample")
 #: Metrics of the network alone that metrics.csv keeps beside the refined ones (network_<name>).
@@ -183,7 +183,6 @@ def build_refiner(model: Path, checkpoint: Path, args: argparse.Namespace, devic
     from ..checkpoint import load_method
     from ..evaluation.runs import best_checkpoint
     from ..refine import Refiner
-    from .common import run_folder
 
     folder = run_folder(model)
     if folder is None:
@@ -192,7 +191,7 @@ def build_refiner(model: Path, checkpoint: Path, args: argparse.Namespace, devic
             "the refinement optimises with): give --model the run folder or a checkpoint inside it."
         )
     ckpt = checkpoint if str(checkpoint).endswith(".ckpt") else best_checkpoint(folder)
-    method = load_method(ckpt, OmegaConf.load(folder / ".hydra" / "config.yaml"))
+    method = load_method(ckpt, OmegaConf.load(folder / RUN_CONFIG))
     has_scorer = getattr(method, "scorer", None) is not None
     weights = args.refine_weights or ("score" if has_scorer else "none")
     if weights == "score" and not has_scorer:
@@ -374,6 +373,7 @@ def register_folder(options: Options) -> dict[str, Path]:
     from tqdm.auto import tqdm
 
     from ..data.folder import FolderDataModule
+    from ..evaluation.tables import write_csv
 
     args = options.args
     catalog = FolderDataModule(str(args.csv), spatial_dims=options.backbone.spatial_dims).discover()
@@ -407,8 +407,8 @@ def register_folder(options: Options) -> dict[str, Path]:
     reports = {}
     args.out.mkdir(parents=True, exist_ok=True)
     if metrics:
-        reports["metrics"] = _write_rows(metrics, args.out / "metrics.csv")
-    reports["failed"] = _write_rows(failed, args.out / "failed.csv", ["case", "file", "problem"])
+        reports["metrics"] = write_csv(metrics, args.out / "metrics.csv")
+    reports["failed"] = write_csv(failed, args.out / "failed.csv", ["case", "file", "problem"])
     done = len(units) - sum(1 for f in failed if f["case"] in catalog.units)
     print(f"Registered {done} of {len(units) + len(catalog.bad)} pairs in {seconds:.1f} s into {args.out}", end="")
     print(f" ({len(failed)} skipped: see {reports['failed']})." if failed else ".")
@@ -417,15 +417,6 @@ def register_folder(options: Options) -> dict[str, Path]:
 
 def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
-
-
-def _write_rows(rows: list[dict], path: Path, columns: list[str] | None = None) -> Path:
-    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def _roi(size: list[int], ndim: int) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ..checkpoint_io import CheckpointWriteError
+from ..configs import CONFIG_PACKAGE, HYDRA_VERSION_BASE, PRIMARY_CONFIG
 from ..errors import AdaCSError
 from .overrides import normalise_overrides
 from .preflight import preflight
@@ -99,7 +100,9 @@ def disk_full_message(error: BaseException, run_dir: Path | None) -> str:
     )
 
 
-_entry = hydra.main(config_path="pkg://adacs_lightning.conf", config_name="config", version_base="1.3")(_hydra_main)
+_entry = hydra.main(config_path=f"pkg://{CONFIG_PACKAGE}", config_name=PRIMARY_CONFIG, version_base=HYDRA_VERSION_BASE)(
+    _hydra_main
+)
 
 
 def main() -> None:

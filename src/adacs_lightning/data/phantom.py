@@ -269,11 +269,6 @@ def apply_speckle(image: Tensor, field: Tensor, level: float) -> Tensor:
     return image * (1.0 - level + level * magnitude / magnitude.mean())
 
 
-def _speckle(image: Tensor, level: float, gen: torch.Generator) -> Tensor:
-    """Multiplicative Rayleigh speckle with a grain of about one voxel, mean 1, from a fresh field."""
-    return apply_speckle(image, speckle_field(tuple(image.shape[1:]), gen), level)
-
-
 def _rician(image: Tensor, level: float, gen: torch.Generator) -> Tensor:
     real = image + level * torch.randn(image.shape, generator=gen)
     imag = level * torch.randn(image.shape, generator=gen)

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..configs import run_setting
+from ..figures import save_figure
 from .runs import differing_overrides
 from .stats import mean_std
 from .tables import format_mean_std, markdown_table
@@ -108,10 +110,7 @@ def parameter_plot(
         ax.set_xscale("log")
     ax.set(xlabel=table[0]["axis"], ylabel=label, title=f"{label} against {table[0]['axis']} (mean ± std)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def sweep_rows(folders: Sequence[Path]) -> list[dict[str, Any]]:
@@ -131,8 +130,5 @@ def sweep_rows(folders: Sequence[Path]) -> list[dict[str, Any]]:
 
 def _seed(folder: Path) -> int | None:
     """The run's seed (its ``.hydra/config.yaml``): runs of one arm differ only in it."""
-    from omegaconf import OmegaConf
-
-    config = folder / ".hydra" / "config.yaml"
-    seed = OmegaConf.select(OmegaConf.load(config), "seed", default=None) if config.is_file() else None
+    seed = run_setting(folder, "seed")
     return None if seed is None else int(seed)

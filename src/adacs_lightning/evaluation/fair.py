@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ..errors import AdaCSError
+from ..figures import save_figure
 from .report import Report, compare, evaluate_run, resolve_device, summarise, write_reports
 from .runs import Run, data_config, differing_overrides, resolve_run
 from .stats import mean_std
@@ -271,13 +272,7 @@ def draw_tradeoff(rows: Sequence[dict[str, Any]], chosen: dict):
 
 def tradeoff_figure(rows: Sequence[dict[str, Any]], chosen: dict, path: Path) -> Path:
     """:func:`draw_tradeoff` written to ``path`` (PNG)."""
-    import matplotlib.pyplot as plt
-
-    fig = draw_tradeoff(rows, chosen)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(draw_tradeoff(rows, chosen), path)
 
 
 def selection_summary(report: FairReport) -> str:

@@ -190,7 +190,7 @@ def _figure_model(run: Run, backbone: torch.nn.Module):
 
 
 def _save_case_figure(model, pair: Mapping[str, Any], folder: Path, device: torch.device, split: str) -> None:
-    from ..callbacks import registration_figure, save_png
+    from ..figures import registration_figure, save_png
 
     batch = {
         k: v.to(device) for k, v in pair.items() if isinstance(v, torch.Tensor) and k not in ("spacing", "direction")

@@ -6,19 +6,17 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from ..cli.common import run_folder
+from ..checkpoint_io import read_checkpoint
+from ..configs import RUN_CONFIG, backbone_name, compose, group_options, run_folder
 from ..data.pairs import SPLITS
 from ..errors import AdaCSError, ConfigError
 
-_CONFIG_PACKAGE = "adacs_lightning.conf"
 # Settings that change how pairs are loaded or where files go, not which pairs: left out of data_key.
 _LOADING_KEYS = ("batch_size", "num_workers", "cache_workers", "output_dir", "strict")
 
@@ -100,8 +98,8 @@ def resolve_run(path: str | Path, checkpoint: str = "selected") -> Run:
     else:
         raise AdaCSError(f"No checkpoint or run folder at '{path}': give a run folder or a .ckpt / backbone.pt file.")
     config = choices = None
-    if folder is not None and (folder / ".hydra" / "config.yaml").is_file():
-        config = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    if folder is not None and (folder / RUN_CONFIG).is_file():
+        config = OmegaConf.load(folder / RUN_CONFIG)
         hydra_file = folder / ".hydra" / "hydra.yaml"
         if hydra_file.is_file():
             choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices")
@@ -109,7 +107,7 @@ def resolve_run(path: str | Path, checkpoint: str = "selected") -> Run:
         raise AdaCSError(f"'{path}' is not a run folder of adacs-train (no .hydra/config.yaml): give a checkpoint.")
     checkpoint_path = checkpoint_file or best_checkpoint(folder, checkpoint)
     stored_method, backbone_config, similarity = _checkpoint_header(checkpoint_path)
-    backbone = (choices or {}).get("backbone") or _backbone_name(backbone_config)
+    backbone = (choices or {}).get("backbone") or backbone_name(backbone_config)
     method = (choices or {}).get("method") or stored_method
     seed = config.get("seed") if config is not None else None
     seed = None if seed is None else int(seed)
@@ -124,22 +122,12 @@ def _checkpoint_header(path: Path) -> tuple[str, dict | None, str]:
     """
     from ..checkpoint import BACKBONE_CONFIG_KEY, SIMILARITY_KEY, method_of
 
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for a damaged file
-        raise AdaCSError(f"'{path}' could not be read as a checkpoint ({type(error).__name__}: {error}).") from error
+    checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise AdaCSError(f"'{path}' is not an adacs-train checkpoint (no state_dict).")
     # Files written before checkpoints recorded it were trained with the squared error.
     similarity = str(checkpoint.get(SIMILARITY_KEY, "SquaredError()"))
     return method_of(checkpoint) or "unknown", checkpoint.get(BACKBONE_CONFIG_KEY), similarity
-
-
-def _backbone_name(config: dict | None) -> str:
-    if not config:
-        return "backbone"
-    target = (config.get("net") or {}).get("_target_") or config.get("_target_", "backbone")
-    return str(target).rsplit(".", 1)[-1]
 
 
 def data_config(
@@ -190,22 +178,10 @@ def _load_data_option(name: str) -> DictConfig:
         if "defaults" in config:
             raise ConfigError("data", f"'{name}' has a defaults list.", "Give the composed data config (--cfg job).")
         return config
-    package = resources.files(_CONFIG_PACKAGE).joinpath("data")
-    if not package.joinpath(f"{name}.yaml").is_file():
-        options = sorted(p.name.removesuffix(".yaml") for p in package.iterdir() if p.name.endswith(".yaml"))
+    options = group_options("data")
+    if name not in options:
         raise ConfigError("data", f"no data config named '{name}'.", f"Choose one of {options} or a YAML file.")
-    return compose_config([f"data={name}"]).data
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """``adacs-train``'s config composed with ``overrides`` (no Hydra run: ``hydra:`` interpolations unresolved)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra application: compose in its context
-        return compose(config_name="config", overrides=overrides)
-    with initialize_config_module(config_module=_CONFIG_PACKAGE, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose([f"data={name}"]).data
 
 
 def data_key(config: dict[str, Any], split: str = "test") -> str:

@@ -9,33 +9,20 @@ from pathlib import Path
 from typing import Any
 
 
-def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write ``rows`` (dicts; columns in order of first appearance) to ``path``; floats as written by ``repr``."""
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path, columns: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` (dicts) to ``path``; floats as written by ``repr``.
+
+    ``columns`` is the header (written even without rows); by default the rows' keys in order of
+    first appearance.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
+    columns = list(columns) if columns is not None else list(dict.fromkeys(k for row in rows for k in row))
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     return path
-
-
-def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a CSV written by :func:`write_csv`, numbers parsed back to float (empty cells to NaN)."""
-    with Path(path).open(newline="") as handle:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-
-
-def _parse(value: str) -> Any:
-    if value == "":
-        return math.nan
-    try:
-        return float(value)
-    except ValueError:
-        return value
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

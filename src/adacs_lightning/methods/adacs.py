@@ -31,6 +31,7 @@ from .steps import Cycle, step
 
 Tensor = torch.Tensor
 
+
 @dataclass
 class MicroBatch:
     """The terms of one micro-batch, before any update."""
