@@ -17,7 +17,6 @@ def train(run_dir: Path, *args: str) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-@pytest.mark.slow
 RECOMPUTE = (  # the reference recipe's class with only its recomputed residual switched on
     "method._target_=adacs_lightning.ReferenceAdaCS",
     "+method.score_residual=recompute",
@@ -26,6 +25,7 @@ RECOMPUTE = (  # the reference recipe's class with only its recomputed residual 
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("settings", "method", "rel"),
     [((), "adacs_normalised", 1e-3), (RECOMPUTE, "adacs_normalised", 1e-3), ((), "adacs", 5e-3)],
