@@ -145,3 +145,13 @@ def test_the_reader_resolves_relative_imports_and_names_an_upward_one(tmp_path):
     assert layer_of("cli.common") == "interface" and layer_of("data.example") == "data"
     assert layer_of("backbones.adapter") == "networks" and layer_of("checkpoint_io") == "ground"
     assert layer_of("") == "interface" and layer_of("unknown") is None
+
+
+def test_methods_read_as_outlines():
+    """No function or method of ``methods/`` is longer than 50 lines (a longer one hides a second job)."""
+    long = []
+    for path in sorted((SOURCE / "methods").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
+                long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == [], "\n".join(long)

@@ -138,6 +138,8 @@ def test_cli_resume_from_last_checkpoint(tmp_path):
         (["data=acdc", "data.root=/no/such/folder"], ["Setting 'data.root'", "/no/such/folder", "does not exist"]),
         (["ckpt_path=/no/such.ckpt"], ["Setting 'ckpt_path'", "no checkpoint file"]),
         (["data.image_size=[32]"], ["Setting 'data.image_size'", "needs 2 sizes"]),
+        (["method.reference_leak=true"], ["Setting 'method.reference_leak'", "experiment=reference"]),
+        (["+method.score_residual=recompute"], ["Setting 'method.score_residual'", "experiment=reference"]),
     ],
 )
 def test_cli_errors_name_the_setting(tmp_path, args, expected):
@@ -177,3 +179,14 @@ def test_every_subpackage_and_config_file_is_installed():
         if not any(fnmatch.fnmatch(c, pattern) and c.count("/") == pattern.count("/") for pattern in patterns)
     ]
     assert not missing, f"config files not shipped: {missing}"
+
+
+@pytest.mark.parametrize("tool", ["train", "register", "evaluate", "export"])
+def test_console_tools_start_without_loading_pytorch(tool):
+    """``--help`` and tab completion import the tool's module only: PyTorch loads once a run starts."""
+    import subprocess
+
+    code = f"import sys, adacs_lightning.cli.{tool}; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

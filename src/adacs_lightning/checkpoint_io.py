@@ -9,11 +9,9 @@ from typing import Any
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from .errors import AdaCSError
+from .errors import AdaCSError, CheckpointWriteError
 
-
-class CheckpointWriteError(AdaCSError, OSError):
-    """A checkpoint could not be written; the previous file of that name is intact."""
+__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "UnreadableCheckpoint", "read_checkpoint"]
 
 
 class UnreadableCheckpoint(AdaCSError):

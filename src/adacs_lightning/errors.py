@@ -15,6 +15,10 @@ class ConfigError(AdaCSError, ValueError):
         super().__init__(f"Setting '{setting}': {problem} {fix}".rstrip())
 
 
+class CheckpointWriteError(AdaCSError, OSError):
+    """A checkpoint could not be written (a full disk, a quota); the previous file of that name is intact."""
+
+
 class NonFiniteLossError(AdaCSError, FloatingPointError):
     """A loss term became NaN or infinite; no optimiser step was taken with it."""
 

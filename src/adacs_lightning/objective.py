@@ -88,26 +88,6 @@ def label_dice_loss(dice: DiceLoss, warp: nn.Module, moving_label: Tensor, fixed
     return dice(warp(moving, ddf.float()), one_hot(fixed_label.long(), classes).float())
 
 
-def directions_of(
-    similarity: Similarity,
-    warp: nn.Module,
-    source: Tensor,
-    target: Tensor,
-    to_target: RegistrationOutput,
-    to_source: RegistrationOutput | None = None,
-    mask: Tensor | None = None,
-    labels: tuple[Tensor | None, Tensor | None] = (None, None),
-) -> list[Direction]:
-    """``to_target`` warps the source onto the target; ``to_source`` (bidirectional) the target onto the source."""
-    pairs = [(source, target, to_target, *labels)]
-    if to_source is not None:
-        pairs.append((target, source, to_source, labels[1], labels[0]))
-    return [
-        Direction(moving, fixed, out, warped_residual(similarity, warp, moving, fixed, out.ddf, mask), ml, fl)
-        for moving, fixed, out, ml, fl in pairs
-    ]
-
-
 def data_terms(
     directions: Sequence[Direction],
     weights: Sequence[Tensor | None],
@@ -179,8 +159,14 @@ class BackboneObjective(nn.Module):
         mask: Tensor | None = None,
         labels: tuple[Tensor | None, Tensor | None] = (None, None),
     ) -> list[Direction]:
-        """The micro-batch's directions with their maps (:func:`directions_of`)."""
-        return directions_of(self.similarity, self.warp, source, target, to_target, to_source, mask, labels)
+        """``to_target`` warps the source onto the target; ``to_source`` (bidirectional) the target onto the source."""
+        pairs = [(source, target, to_target, *labels)]
+        if to_source is not None:
+            pairs.append((target, source, to_source, labels[1], labels[0]))
+        return [
+            Direction(moving, fixed, out, self.residual(moving, fixed, out.ddf, mask), ml, fl)
+            for moving, fixed, out, ml, fl in pairs
+        ]
 
     def smoothness(self, output: RegistrationOutput, mask: Tensor | None) -> Tensor:
         return field_smoothness(output, mask, self.smoothness_on)

@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .. import configs
+from ..choices import REFERENCE_RECIPE_SETTINGS
 from ..errors import ConfigError, check_writable
 
 #: Files that mark a folder as holding a run of adacs-train.
@@ -100,6 +101,8 @@ def _explain_composition_error(message: str) -> PreflightError:
                 f"'{sub}' is a setting of {group}={' / '.join(owners)}: select it too, "
                 f"e.g. adacs-train {group}={owners[0]} {key}=…"
             )
+        elif group == "method" and sub in REFERENCE_RECIPE_SETTINGS:
+            fix = f"'{sub}' is a setting of the reference recipe: add experiment=reference, e.g. adacs-train experiment=reference {key}=…"
         else:
             fix = "It is not a setting of adacs-train: check the spelling (adacs-train --cfg job lists every setting)."
         return PreflightError(key, "is not in the config this command composes.", fix)
@@ -134,6 +137,8 @@ def _check_group_keys(cfg: DictConfig, overrides: list[str]) -> None:
             continue
         owners = configs.options_with_key(group, sub)
         hint = f" It is a setting of {group}={' / '.join(owners)}: select that option." if owners else ""
+        if group == "method" and sub in REFERENCE_RECIPE_SETTINGS:
+            hint = f" It is a setting of the reference recipe: add experiment=reference and set {key}=… (no +)."
         raise PreflightError(
             key,
             f"is not a setting of {group}={option}.{hint}",

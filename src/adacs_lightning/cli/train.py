@@ -23,9 +23,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ..checkpoint_io import CheckpointWriteError
 from ..configs import CONFIG_PACKAGE, HYDRA_VERSION_BASE, PRIMARY_CONFIG
-from ..errors import AdaCSError
+from ..errors import AdaCSError, CheckpointWriteError
 from .overrides import normalise_overrides
 from .preflight import preflight
 
