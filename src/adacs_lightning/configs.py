@@ -31,8 +31,8 @@ PRIMARY_CONFIG = "config"
 HYDRA_VERSION_BASE = "1.3"
 #: Where a run folder keeps the config Hydra composed for it.
 RUN_CONFIG = Path(".hydra") / "config.yaml"
-#: The config included by a group's options for the keys they share (``- common/files@_here_``).
-SHARED_FRAGMENT_ENTRY = "common/files@_here_"
+#: The folder of a group's shared fragments, which its options include as ``- common/<name>@_here_``.
+SHARED_FRAGMENTS = "common"
 
 
 def config_file(*parts: str, package: str = CONFIG_PACKAGE) -> Traversable:
@@ -100,22 +100,18 @@ def group_options(group: str) -> list[str]:
 
 @cache
 def _option_file_keys(group: str) -> dict[str, frozenset[str]]:
-    """option → the top-level keys its file sets, shared fragments it includes counted in."""
+    """option → the top-level keys its file sets, those of the shared fragments it includes (``common/<name>@_here_``) counted in."""
     folder = config_file(group)
     if not folder.is_dir():
         return {}
-    shared: set[str] = set()
-    common = folder.joinpath("common")
-    if common.is_dir():
-        for file in common.iterdir():
-            if file.name.endswith(".yaml"):
-                shared |= set(OmegaConf.create(file.read_text()) or {})
     options = {}
     for option in group_options(group):
-        text = folder.joinpath(f"{option}.yaml").read_text()
-        keys = set(OmegaConf.create(text) or {})
-        if SHARED_FRAGMENT_ENTRY in text:
-            keys |= shared
+        config = OmegaConf.create(folder.joinpath(f"{option}.yaml").read_text()) or {}
+        keys = set(config) - {"defaults"}
+        for entry in config.get("defaults", []):
+            if isinstance(entry, str) and entry.startswith(f"{SHARED_FRAGMENTS}/") and entry.endswith("@_here_"):
+                fragment = folder.joinpath(f"{entry.removesuffix('@_here_')}.yaml")
+                keys |= set(OmegaConf.create(fragment.read_text()) or {})
         options[option] = frozenset(keys)
     return options
 
