@@ -194,8 +194,8 @@ class ValidationMetrics(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.warp_labels = warp_block("nearest", "border")
-        self.field = nn.ModuleDict({name: MeanMetric() for name in ("residual", "smoothness", "displacement")})
-        self.field["folding_pct"] = MeanMetric()
+        names = ("residual", "smoothness", "displacement", "folding_pct")
+        self.field = nn.ModuleDict({name: MeanMetric() for name in names})
         self.localisation = nn.ModuleDict(
             {name: MeanMetric(nan_strategy="ignore") for name in ("auroc", "score_nocorr", "score_corr")}
         )

@@ -113,7 +113,7 @@ class AdaCS(RegistrationModule):
         warmup_epochs: int = WARMUP_EPOCHS,
         **settings: Any,
     ) -> None:
-        _accept_reference_settings(self, settings)
+        _accept_reference_settings(settings)
         check_adacs_settings(
             alpha, beta, scorer_lr, data_weighting, scorer_target, shift_radius, shift_patch, calibration, kappa
         )
@@ -320,13 +320,11 @@ class AdaCS(RegistrationModule):
         return loss_se, logs
 
 
-def _accept_reference_settings(module: nn.Module, settings: dict[str, Any]) -> None:
+def _accept_reference_settings(settings: dict[str, Any]) -> None:
     """Take the reference recipe's settings out of ``settings`` when they hold AdaCS's own values; refuse others.
 
     Checkpoints written before the recipe had its own class hold those settings among AdaCS's.
     """
-    if getattr(module, "reference_recipe", False):
-        return
     for name, own in REFERENCE_RECIPE_SETTINGS.items():
         if name in settings and settings.pop(name) != own:
             raise ConfigError(

@@ -135,7 +135,11 @@ class RegistrationModule(SpeedOptions, L.LightningModule):
         return torch.optim.Adam(self.backbone.parameters(), lr=self.hparams.lr)
 
     def on_train_epoch_start(self) -> None:
-        for optimiser in self._optimisers():  # a cycle never spans epochs
+        self._clear_gradients()
+
+    def _clear_gradients(self) -> None:
+        """A cycle never spans epochs: drop whatever an unfinished one left behind."""
+        for optimiser in self._optimisers():
             optimiser.zero_grad(set_to_none=True)
 
     def _optimisers(self) -> list:

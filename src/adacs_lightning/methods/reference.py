@@ -37,8 +37,6 @@ class ReferenceAdaCS(AdaCS):
             with the paper's fixed constants (``scorer_target="residual"``, ``calibration="fixed"``).
     """
 
-    reference_recipe = True
-
     def __init__(
         self,
         backbone: nn.Module,
@@ -57,14 +55,13 @@ class ReferenceAdaCS(AdaCS):
     def _momentum(self, gamma: float, kappa: float | str) -> MomentumWeight:
         return MomentumWeight(gamma=gamma, kappa=kappa, mode=self._momentum_mode)
 
-    def on_train_epoch_start(self) -> None:
+    def _clear_gradients(self) -> None:
         if not self.hparams.reference_leak:
-            return super().on_train_epoch_start()
+            return super()._clear_gradients()
         # The backbone's leaked gradients span epochs: only the scorer's are dropped.
-        grads = [p.grad for p in self.backbone.parameters()]
-        super().on_train_epoch_start()
-        for parameter, grad in zip(self.backbone.parameters(), grads):
-            parameter.grad = grad
+        opt_scorer = self._optimisers_pair()[1]
+        if opt_scorer is not None:
+            opt_scorer.zero_grad(set_to_none=True)
 
     def _backbone_frozen(self) -> bool:
         # With the leak, warm-up B runs the backbone with gradients (they wait for its next step).
