@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from scipy import stats as scipy_stats
 
-from adacs_lightning import AdaCS, SyntheticDataModule, voxelmorph
+from adacs_lightning import AdaCS, ClosedFormRobust, SyntheticDataModule, voxelmorph
+from adacs_lightning.correspondence import kept_mass
 from adacs_lightning.data.phantom import MYOCARDIUM, Nuisances
 from adacs_lightning.evaluation.stats import paired_test
-from adacs_lightning.losses import gradient_energy
+from adacs_lightning.losses import gradient_energy, masked_mean
 from adacs_lightning.metrics import dice_near_and_away, dice_per_label, folding_percentage, localisation
 from adacs_lightning.warping import warp_block
 
@@ -61,31 +62,70 @@ DOSES: dict[str, dict] = {
         dropout_prob=0.0,
         extra_structure_prob=0.0,
     ),
+    # The MRI-like pairs with target-only changes: bright blobs (a new lesion) and signal drop-outs.
+    "mri_lesion": dict(
+        noise="rician",
+        noise_level=0.05,
+        drift=0.1,
+        fov=False,
+        shadow_prob=0.0,
+        dropout_prob=0.6,
+        dropout_attenuation=0.8,
+        extra_structure_prob=0.6,
+    ),
+    # Two subjects: the target's heart is an independent one (shape, size, wall, texture), then moved.
+    "mri_subject": dict(
+        noise="rician",
+        noise_level=0.05,
+        drift=0.1,
+        fov=False,
+        shadow_prob=0.0,
+        dropout_prob=0.0,
+        extra_structure_prob=0.0,
+        other_subject=1.0,
+    ),
 }
 ECHO = dict(shadow_frames="target")
 
-#: Arms: the method's keywords (``scoring=False`` is the baseline).
+#: Arms: the method's keywords (``scoring=False`` is the baseline; ``method="robust"`` the closed-form control).
+SHIFT_MIN = dict(data_weighting="normalised", scorer_target="shift_min")
 ARMS: dict[str, dict] = {
     "baseline": dict(scoring=False),
-    "adacs": dict(data_weighting="normalised"),
-    "calibrated": dict(data_weighting="normalised", calibration="data"),
-    "shift_min": dict(data_weighting="normalised", calibration="data", scorer_target="shift_min"),
+    "adacs": dict(data_weighting="normalised", calibration="fixed", scorer_target="residual"),
+    "calibrated": dict(data_weighting="normalised", calibration="data", scorer_target="residual"),
+    "shift_min": dict(SHIFT_MIN, calibration="data"),
+    "tukey": dict(SHIFT_MIN, calibration="tukey"),
+    "dead_zone": dict(SHIFT_MIN, calibration="dead_zone"),
+    "dead_zone_pair": dict(SHIFT_MIN, calibration="dead_zone", scorer_input="pair"),
+    "dead_zone_keep": dict(SHIFT_MIN, calibration="dead_zone", keep_inliers=True),
+    "dead_zone_pair_keep": dict(SHIFT_MIN, calibration="dead_zone", scorer_input="pair", keep_inliers=True),
+    "robust_dead_zone": dict(method="robust", data_weighting="normalised", calibration="dead_zone",
+                             scorer_target="shift_min"),  # fmt: skip
 }
 LABELS = {
     "adacs": "AdaCS (normalised; fixed constants)",
     "calibrated": "AdaCS, calibrated",
     "shift_min": "AdaCS, calibrated + shift-min target",
+    "tukey": "AdaCS, Tukey point",
+    "dead_zone": "AdaCS, dead zone",
+    "dead_zone_pair": "AdaCS, dead zone + pair-aware scorer",
+    "dead_zone_keep": "AdaCS, dead zone + inliers kept",
+    "dead_zone_pair_keep": "AdaCS, dead zone + pair + inliers kept",
+    "robust_dead_zone": "closed-form robust, dead zone (no scorer)",
 }
+#: The arms a study runs unless told otherwise: the baseline, the previous default and the robust variants.
+DEFAULT_ARMS = ("baseline", "shift_min", "tukey", "dead_zone", "dead_zone_pair", "dead_zone_keep",
+                "dead_zone_pair_keep", "robust_dead_zone")  # fmt: skip
 
 #: The λ values an arm may be tried at; each starts at START and extends while its best sits at an edge.
 LAMBDAS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 START = (0.02, 0.05, 0.1)
 
 
-def budget(tiny: bool) -> dict:
+def budget(tiny: bool, epochs: int = 30) -> dict:
     if tiny:
         return dict(size=32, train=8, val=4, test=4, batch=4, epochs=2, warmup=1, channels=(4, 8, 8, 8))
-    return dict(size=64, train=64, val=24, test=48, batch=8, epochs=16, warmup=3, channels=None)
+    return dict(size=64, train=64, val=24, test=48, batch=8, epochs=epochs, warmup=3, channels=None)
 
 
 def datamodule(dose: str, seed: int, b: dict) -> SyntheticDataModule:
@@ -96,11 +136,13 @@ def datamodule(dose: str, seed: int, b: dict) -> SyntheticDataModule:
     )  # fmt: skip
 
 
-def build(arm: str, lam: float, b: dict) -> AdaCS:
+def build(arm: str, lam: float, b: dict) -> AdaCS | ClosedFormRobust:
     narrow = (
         {} if b["channels"] is None else dict(channels=b["channels"], unet_out_channels=8, final_conv_channels=(8,))
     )
-    return AdaCS(voxelmorph(**narrow), lam=lam, lr=1e-3, warmup_epochs=b["warmup"], **ARMS[arm])
+    settings = dict(ARMS[arm])
+    method = ClosedFormRobust if settings.pop("method", "adacs") == "robust" else AdaCS
+    return method(voxelmorph(**narrow), lam=lam, lr=1e-3, warmup_epochs=b["warmup"], **settings)
 
 
 @torch.no_grad()
@@ -109,14 +151,17 @@ def evaluate(model: AdaCS, loader) -> list[dict]:
     model.eval()
     warp_labels = warp_block("nearest", "border")
     rows = []
+    device = next(model.parameters()).device
     for batch in loader:
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         source, target, mask = batch["source"], batch["target"], batch.get("mask")
         ddf = model.backbone(source, target)
-        residual = model.similarity(model.warp(source, ddf), target, mask)
+        warped_source = model.warp(source, ddf)
+        residual = model.similarity(warped_source, target, mask)
         warped = warp_labels(batch["source_label"].float(), ddf).round().long()
         dice = dice_per_label(warped, batch["target_label"], [MYOCARDIUM])[:, 0]
         near, away = dice_near_and_away(warped, batch["target_label"], batch["nocorr"], [MYOCARDIUM])
-        weight = model.weight_map(target, residual)
+        weight = model.weight_map(target, residual, warped_source)
         local = localisation(weight, batch["nocorr"], mask) if weight is not None else None
         for i, case in enumerate(batch["meta"]["case_id"]):
             m = None if mask is None else mask[i : i + 1]
@@ -131,6 +176,8 @@ def evaluate(model: AdaCS, loader) -> list[dict]:
             }
             if local is not None:
                 row.update({k: float(v[i]) for k, v in local.items()})
+                row["kept_mass"] = float(kept_mass(weight[i : i + 1], residual[i : i + 1], m))
+                row["score_mean"] = float(masked_mean(weight[i : i + 1], m))
             rows.append(row)
     return rows
 
@@ -145,12 +192,13 @@ def run_one(out: Path, dose: str, arm: str, lam: float, seed: int, b: dict) -> d
     if path.exists():
         return json.loads(path.read_text())
     torch.set_num_threads(1)
+    torch.set_float32_matmul_precision("high")
     L.seed_everything(seed, verbose=False)
     data = datamodule(dose, seed, b)
     model = build(arm, lam, b)
     idle = model.backbone_idle_epochs
     trainer = L.Trainer(
-        max_epochs=b["epochs"] + idle, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_epochs=b["epochs"] + idle, accelerator=b.get("accelerator", "cpu"), devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
     start = time.perf_counter()
@@ -159,7 +207,9 @@ def run_one(out: Path, dose: str, arm: str, lam: float, seed: int, b: dict) -> d
     data.setup("test")
     record = {
         "dose": dose, "arm": arm, "lam": lam, "seed": seed, "seconds": seconds,
-        "kappa": float(model.momentum.kappa) if model.scorer is not None else None,
+        "kappa": float(model.momentum.kappa) if getattr(model, "scorer", None) is not None else None,
+        "train_kept_mass": float(trainer.callback_metrics.get("train/kept_mass_epoch", math.nan)),
+        "scale": repr(getattr(model, "robust", None)),
         "val": evaluate(model, data.val_dataloader()), "test": evaluate(model, data.test_dataloader()),
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,14 +232,17 @@ def _run_job(job: tuple) -> None:
 
 def run_all(jobs: list[tuple], workers: int) -> None:
     """Train the jobs ``(out, dose, arm, λ, seed, budget)`` whose files are missing, ``workers`` at a time."""
-    jobs = [j for j in jobs if not run_path(*j[:5]).exists()]
+    # Seed by seed: a study stopped early has every dose and arm at its first seeds.
+    jobs = sorted((j for j in jobs if not run_path(*j[:5]).exists()), key=lambda j: (j[4], j[1], j[2], j[3]))
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             run_one(*job)
         return
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+    # On the CPU each training gets a fresh process (one thread each); on a GPU a worker keeps its CUDA context.
+    fresh = 1 if jobs[0][5].get("accelerator", "cpu") == "cpu" else None
+    with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=fresh) as pool:
         pool.map(_run_job, jobs, chunksize=1)
 
 
@@ -258,8 +311,9 @@ def compare(out: Path, dose: str, chosen: dict[str, float], seeds: list[int], b:
     for arm, recs in records.items():
         cases = [r for rec in recs for r in rec["test"]]
         row = {"dose": dose, "arm": arm, "lam": chosen[arm], "dice": 100 * mean(cases, "dice")}
-        for key in ("auroc", "score_nocorr", "score_corr", "smoothness"):
+        for key in ("auroc", "score_nocorr", "score_corr", "smoothness", "kept_mass", "score_mean"):
             row[key] = mean(cases, key)
+        row["train_kept_mass"] = mean(recs, "train_kept_mass")
         row["dice_near"], row["dice_away"] = 100 * mean(cases, "dice_near"), 100 * mean(cases, "dice_away")
         if arm != "baseline":
             a = [100 * r["dice"] for rec in base for r in rec["test"]]
@@ -303,8 +357,8 @@ def write_report(out: Path, rows: list[dict], grids: dict, seeds: list[int], b: 
         "Δ: test Dice (%) minus the baseline's, case level pooled over seeds (paired t, Wilcoxon), seed level "
         "(paired t over seed means); p Holm-corrected across the AdaCS arms within a dose. AUROC: 1 − Ŝ as a "
         "detector of the target voxels without correspondence; Ŝ in / out: mean score inside / outside them.", "",
-        "| dose | arm | λ (grid) | Dice | Δ | t p (Holm) | Wilcoxon p (Holm) | Δ per seed | seed p (Holm) | AUROC | Ŝ in / out | Δ Dice near | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dose | arm | λ (grid) | Dice | Δ | t p (Holm) | Wilcoxon p (Holm) | Δ per seed | seed p (Holm) | AUROC | Ŝ in / out | kept mass (train / test) | Δ Dice near | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         values = grids[(r["dose"], r["arm"])]
@@ -319,7 +373,7 @@ def write_report(out: Path, rows: list[dict], grids: dict, seeds: list[int], b: 
             f"| {r['dose']} | {LABELS.get(r['arm'], r['arm'])} | {r['lam']:g} ({grid}) | {r['dice']:.2f} | "
             f"{'–' if r['arm'] == 'baseline' else format(r['delta'], '+.2f')} | {fmt(r.get('t_p_holm'), 3)} | "
             f"{fmt(r.get('wilcoxon_p_holm'), 3)} | {seed_deltas} | {fmt(r.get('seed_t_p_holm'), 3)} | {fmt(r['auroc'], 3)} | "
-            f"{fmt(r['score_nocorr'])} / {fmt(r['score_corr'])} | {fmt(r.get('delta_near'), 2) if 'delta_near' in r else '–'} | {verdict(r)} |"
+            f"{fmt(r['score_nocorr'])} / {fmt(r['score_corr'])} | {fmt(r.get('train_kept_mass'))} / {fmt(r.get('kept_mass'))} | {fmt(r.get('delta_near'), 2) if 'delta_near' in r else '–'} | {verdict(r)} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"rows": rows, "seeds": seeds, "budget": b}, indent=1))
@@ -340,8 +394,15 @@ def figure(out: Path, rows: list[dict]) -> None:
     for k, arm in enumerate(arms):
         by_dose = {r["dose"]: r for r in rows if r["arm"] == arm}
         offset = (k - (len(arms) - 1) / 2) * 0.08
-        left.plot(x + offset, [by_dose[d]["delta"] for d in doses], "o-", label=LABELS.get(arm, arm))
-        right.plot(x + offset, [by_dose[d]["auroc"] for d in doses], "o-", label=LABELS.get(arm, arm))
+        present = [i for i, d in enumerate(doses) if d in by_dose]
+        deltas = [by_dose[doses[i]]["delta"] for i in present]
+        # The spread over seeds: the lowest and highest seed-level Δ around the pooled one.
+        spread = [by_dose[doses[i]].get("seed_deltas") or [by_dose[doses[i]]["delta"]] for i in present]
+        low = [d - min(s) for d, s in zip(deltas, spread)]
+        high = [max(s) - d for d, s in zip(deltas, spread)]
+        left.errorbar(x[present] + offset, deltas, yerr=[np.clip(low, 0, None), np.clip(high, 0, None)], fmt="o-",
+                      capsize=2, label=LABELS.get(arm, arm))  # fmt: skip
+        right.plot(x[present] + offset, [by_dose[doses[i]]["auroc"] for i in present], "o-", label=LABELS.get(arm, arm))
     left.axhline(0, color="grey", lw=0.8)
     left.set(
         xticks=x, xticklabels=doses, ylabel="test Dice − baseline (points)", title="Gain over the λ-tuned baseline"
@@ -360,22 +421,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs and the report")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--doses", nargs="+", default=list(DOSES), choices=list(DOSES))
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    parser.add_argument("--epochs", type=int, default=30, help="backbone epochs of every training")
+    parser.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto (Lightning's)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from the runs on disk; train nothing"
+    )
     parser.add_argument("--workers", type=int, default=1, help="trainings at once, one thread each")
     parser.add_argument(
         "--extend-rounds", type=int, default=None, help="extend the λ grids at most this often (default: until inside)"
     )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes and one λ step: checks the pipeline in seconds")
     args = parser.parse_args(argv)
-    b = budget(args.tiny)
+    b = {**budget(args.tiny, args.epochs), "accelerator": args.accelerator}
     arms = ["baseline", *[a for a in args.arms if a != "baseline"]]
     grid, start = ((START[0],), (START[0],)) if args.tiny else (LAMBDAS, START)
-    grids = choose_lambdas(args.out, args.doses, arms, args.seeds, b, args.workers, grid, start, args.extend_rounds)
+    if args.report_only:
+        grids, seeds = runs_on_disk(args.out, args.doses, arms, args.seeds)
+    else:
+        grids = choose_lambdas(args.out, args.doses, arms, args.seeds, b, args.workers, grid, start, args.extend_rounds)
+        seeds = {key: args.seeds for key in grids}
     rows = []
     for dose in args.doses:
-        chosen = {arm: chosen_lambda(args.out, dose, arm, args.seeds, grids[(dose, arm)]) for arm in arms}
-        rows += compare(args.out, dose, chosen, args.seeds, b)
+        usable = [a for a in arms if (dose, a) in grids]
+        if "baseline" not in usable:
+            continue
+        common = sorted(set.intersection(*(set(seeds[(dose, a)]) for a in usable)))
+        if not common:
+            continue
+        chosen = {arm: chosen_lambda(args.out, dose, arm, common, grids[(dose, arm)]) for arm in usable}
+        rows += compare(args.out, dose, chosen, common, b)
     write_report(args.out, rows, grids, args.seeds, b)
+
+
+def runs_on_disk(out: Path, doses, arms, seeds) -> tuple[dict, dict]:
+    """The λ grid of each (dose, arm) from the runs on disk, and the seeds every λ of it has."""
+    grids, complete = {}, {}
+    for dose in doses:
+        for arm in arms:
+            tried = sorted(
+                {lam for lam in LAMBDAS for s in seeds if run_path(out, dose, arm, lam, s).exists()}
+            )
+            have = [s for s in seeds if tried and all(run_path(out, dose, arm, lam, s).exists() for lam in tried)]
+            if have:
+                grids[(dose, arm)], complete[(dose, arm)] = tried, have
+    return grids, complete
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ class Variant:
     bidirectional: bool = False
     leak: bool = False
     default: bool = False  # adacs-train's scorer (calibrated, shift-min); otherwise the paper's (the residual itself)
+    settings: dict | None = None  # AdaCS keywords on top of the default's (the robust calibrations)
 
 
 def build(variant: Variant, args) -> AdaCS:
@@ -108,17 +109,19 @@ def build(variant: Variant, args) -> AdaCS:
     backbone = voxelmorph(spatial_dims=args.spatial_dims)
     if variant.phase is None:
         return FixedPhase(backbone, scoring=False, fixed_phase=Phase.WARMUP_BACKBONE, lr=1e-4)
+    extra = variant.settings or {}
+    sees = extra.get("scorer_input", "target")
     if variant.scorer == "voxelmorph":
-        scorer = VoxelMorphScorer(args.spatial_dims)
+        scorer = VoxelMorphScorer(args.spatial_dims, scorer_input=sees)
     else:
-        scorer = ScoringNetwork(args.spatial_dims, channels=args.scorer_channels)
+        scorer = ScoringNetwork(args.spatial_dims, channels=args.scorer_channels, scorer_input=sees)
     settings = dict(scorer=scorer, fixed_phase=variant.phase, bidirectional=variant.bidirectional, lr=1e-4)
     if variant.score_residual == "recompute" or variant.leak:
         momentum = "reference" if variant.leak else "paper"
         return FixedPhaseReference(
             backbone, score_residual="recompute", reference_leak=variant.leak, momentum_mode=momentum, **settings
         )
-    return FixedPhase(backbone, **{**({} if variant.default else PAPER), **settings})
+    return FixedPhase(backbone, **{**({} if variant.default else PAPER), **extra, **settings})
 
 
 def run_steps(model: AdaCS, loader: DataLoader, args, steps: int) -> list[float]:
@@ -147,6 +150,19 @@ def variants(args) -> list[Variant]:
         Variant("adacs warm-up B", Phase.WARMUP_SCORER),
         Variant("joint, unet scorer (reuse)", Phase.JOINT),
         Variant("joint, unet, shift-min (default)", Phase.JOINT, default=True),
+        Variant("joint, unet, shift-min, mean level", Phase.JOINT, default=True, settings=dict(calibration="data")),
+        Variant(
+            "joint, unet, dead zone + inliers kept",
+            Phase.JOINT,
+            default=True,
+            settings=dict(calibration="dead_zone", keep_inliers=True),
+        ),
+        Variant(
+            "joint, unet, dead zone + pair",
+            Phase.JOINT,
+            default=True,
+            settings=dict(calibration="dead_zone", scorer_input="pair"),
+        ),
         Variant("joint, voxelmorph scorer (reuse)", Phase.JOINT, "voxelmorph"),
         Variant("joint, voxelmorph scorer (recompute)", Phase.JOINT, "voxelmorph", "recompute"),
         Variant("joint, reference recipe (bidir, leak)", Phase.JOINT, "voxelmorph", "recompute", True, True),

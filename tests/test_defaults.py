@@ -32,7 +32,9 @@ def signature_defaults(cls: type) -> dict:
             continue
         for name, parameter in inspect.signature(init).parameters.items():
             if parameter.default is not inspect.Parameter.empty:
-                defaults[name] = parameter.default
+                # A sequence default is a tuple in Python and a list in YAML.
+                default = parameter.default
+                defaults[name] = list(default) if isinstance(default, tuple) else default
     return defaults
 
 

@@ -50,13 +50,13 @@ def _to_unit(panel: Tensor, scale: float | None = None) -> Tensor:
     return (panel / scale).clamp(0, 1) if scale > 0 else torch.zeros_like(panel)
 
 
-def score_map(module, fixed: Tensor, residual: Tensor) -> Tensor | None:
+def score_map(module, fixed: Tensor, residual: Tensor, warped: Tensor | None = None) -> Tensor | None:
     """The per-voxel weight a method gives the residual ``(B, 1, *spatial)`` in [0, 1], or None (Ŝ ≡ 1).
 
     The method's :meth:`~adacs_lightning.methods.RegistrationModule.weight_map`; None for a bare backbone.
     """
     weight_map = getattr(module, "weight_map", None)
-    return weight_map(fixed, residual) if weight_map is not None else None
+    return weight_map(fixed, residual, warped) if weight_map is not None else None
 
 
 def _grid_image(shape: tuple[int, ...], spacing: int = 4, like: Tensor | None = None) -> Tensor:
@@ -86,7 +86,7 @@ def panel_tensors(module, batch: dict, max_pairs: int = 2) -> list[dict[str, Ten
     warped = warp(source, ddf)
     error = squared_residual(warped, target).sqrt()
     residual = module.similarity(warped, target, batch.get("mask")) if hasattr(module, "similarity") else error**2
-    score = score_map(module, target, residual)
+    score = score_map(module, target, residual, warped)
     scored = score is not None
     score = torch.ones_like(error) if score is None else score
     if "mask" in batch:

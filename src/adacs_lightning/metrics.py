@@ -48,9 +48,11 @@ def jacobian_determinant(ddf: Tensor) -> Tensor:
         ddf: ``(B, ndim, *spatial)`` displacement in voxels, channel ``i`` along axis ``i``.
 
     Returns:
-        ``(B, *spatial)``; values ≤ 0 mark folding. Derivatives are central differences
-        (one-sided at the border), as ``numpy.gradient``.
+        ``(B, *spatial)`` in float32 (a half-precision field from mixed-precision training is cast up:
+        the determinant has no bf16/fp16 kernel); values ≤ 0 mark folding. Derivatives are central
+        differences (one-sided at the border), as ``numpy.gradient``.
     """
+    ddf = ddf.float()
     ndim = ddf.shape[1]
     if ddf.ndim != ndim + 2:
         raise ValueError(f"a {ndim}-channel displacement needs {ndim} spatial axes, got shape {tuple(ddf.shape)}")

@@ -46,6 +46,7 @@ class Direction:
     residual: Tensor
     moving_label: Tensor | None = None
     fixed_label: Tensor | None = None
+    warped: Tensor | None = None  # ``moving`` warped by the displacement (with its graph), ``fixed``'s shape
 
 
 # ---------------------------------------------------------------------- the functional core
@@ -163,10 +164,12 @@ class BackboneObjective(nn.Module):
         pairs = [(source, target, to_target, *labels)]
         if to_source is not None:
             pairs.append((target, source, to_source, labels[1], labels[0]))
-        return [
-            Direction(moving, fixed, out, self.residual(moving, fixed, out.ddf, mask), ml, fl)
-            for moving, fixed, out, ml, fl in pairs
-        ]
+        directions = []
+        for moving, fixed, out, moving_label, fixed_label in pairs:
+            warped = self.warp(moving, out.ddf)
+            residual = self.similarity(warped, fixed, mask)
+            directions.append(Direction(moving, fixed, out, residual, moving_label, fixed_label, warped))
+        return directions
 
     def smoothness(self, output: RegistrationOutput, mask: Tensor | None) -> Tensor:
         return field_smoothness(output, mask, self.smoothness_on)

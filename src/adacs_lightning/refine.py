@@ -82,6 +82,7 @@ class Refiner:
         similarity: the run's dissimilarity map ``r``.
         lam: the run's ``λ`` on ``mean‖∇u‖²``.
         scorer: a network ``target → Ŝ`` in [0, 1] that weights the data term (AdaCS's scorer), or None (``Ŝ ≡ 1``).
+            A scorer built with ``scorer_input="pair"`` sees the target and the source warped by the network's field.
         weighting: how the map weights the data term (the run's ``data_weighting``: ``normalised``, ``mean``, ``scalar``).
         steps: the most Adam iterations per pair (0 returns the network's field unchanged).
         lr: Adam's learning rate, in voxels (of displacement) per step.
@@ -145,13 +146,18 @@ class Refiner:
         )
 
     # ------------------------------------------------------------------ the objective
-    def weight_map(self, fixed: Tensor) -> Tensor | None:
-        """``Ŝ(fixed)`` ``(B, 1, *spatial)``, no gradient; None without a scorer."""
+    def weight_map(self, fixed: Tensor, warped: Tensor | None = None) -> Tensor | None:
+        """``Ŝ(fixed)`` ``(B, 1, *spatial)`` (a pair scorer: ``Ŝ(fixed, warped)``), no gradient; None without a scorer."""
         if self.scorer is None:
             return None
+        inputs = fixed
+        if getattr(self.scorer, "scorer_input", "target") == "pair":
+            if warped is None:
+                raise ValueError("this scorer sees the pair (scorer_input='pair'): pass the warped source")
+            inputs = torch.cat([fixed, warped], dim=1)
         was_training = self.scorer.training
         with torch.no_grad():
-            weight = self.scorer.eval()(fixed).detach()
+            weight = self.scorer.eval()(inputs).detach()
         self.scorer.train(was_training)
         return weight
 
@@ -209,7 +215,8 @@ class Refiner:
         start_time = time.perf_counter()
         start = ddf.detach().float()
         moving, fixed = moving.float(), fixed.float()
-        weight = self.weight_map(fixed)
+        with torch.no_grad():
+            weight = self.weight_map(fixed, self.warp(moving, start))
         labels = (moving_label, fixed_label) if moving_label is not None and fixed_label is not None else None
         coarse = tuple(max(2, -(-n // self.grid)) for n in start.shape[2:]) if self.grid > 1 else start.shape[2:]
         correction = torch.zeros((*start.shape[:2], *coarse), device=start.device, requires_grad=True)

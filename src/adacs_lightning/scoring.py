@@ -26,6 +26,16 @@ def _check_dims(spatial_dims: int) -> None:
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
 
 
+#: The images a scorer sees: the target alone (the paper), or the target and the warped source (stop-gradient).
+SCORER_INPUT_IMAGES = {"target": 1, "pair": 2}
+
+
+def _input_images(scorer_input: str) -> int:
+    if scorer_input not in SCORER_INPUT_IMAGES:
+        raise ValueError(f"scorer_input must be one of {tuple(SCORER_INPUT_IMAGES)}, got {scorer_input!r}")
+    return SCORER_INPUT_IMAGES[scorer_input]
+
+
 def map_unet(
     spatial_dims: int,
     in_channels: int,
@@ -57,9 +67,11 @@ class ScoringNetwork(nn.Module):
         channels: feature widths of the U-Net levels, finest first.
         strides: down-sampling factor between consecutive levels (``len(channels) - 1`` entries).
         num_res_units: residual units per level (0 gives plain convolutions).
+        scorer_input: ``"target"`` (the image it scores) or ``"pair"`` (the target and the warped source,
+            stacked along the channels: ``2·in_channels`` input channels).
 
-    Input ``(B, in_channels, *spatial)``; output ``(B, 1, *spatial)`` in [0, 1].
-    Spatial sizes must divide by the product of ``strides``.
+    Input ``(B, in_channels, *spatial)`` (``"pair"``: ``(B, 2·in_channels, *spatial)``); output
+    ``(B, 1, *spatial)`` in [0, 1]. Spatial sizes must divide by the product of ``strides``.
     """
 
     def __init__(
@@ -69,10 +81,12 @@ class ScoringNetwork(nn.Module):
         channels: Sequence[int] = (16, 32, 32, 32),
         strides: Sequence[int] | None = None,
         num_res_units: int = 0,
+        scorer_input: str = "target",
     ) -> None:
         super().__init__()
-        self.spatial_dims = spatial_dims
-        self.unet = map_unet(spatial_dims, in_channels, channels, strides, num_res_units)
+        self.spatial_dims, self.scorer_input = spatial_dims, scorer_input
+        images = _input_images(scorer_input)
+        self.unet = map_unet(spatial_dims, in_channels * images, channels, strides, num_res_units)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.unet(image))
@@ -141,6 +155,7 @@ class VoxelMorphScorer(nn.Module):
         in_channels: channels of the image it scores.
         encoder, decoder: the U-Net's widths (VoxelMorph's: 16-32-32-32 down to 1/16, then
             32-32-32-32 up and 32-16-16 at full resolution).
+        scorer_input: ``"target"`` or ``"pair"`` (as :class:`ScoringNetwork`).
 
     Input ``(B, in_channels, *spatial)``, sizes divisible by ``2^len(encoder)``; output
     ``(B, 1, *spatial)`` in [0, 1], at full resolution.
@@ -152,14 +167,15 @@ class VoxelMorphScorer(nn.Module):
         in_channels: int = 1,
         encoder: Sequence[int] = (16, 32, 32, 32),
         decoder: Sequence[int] = (32, 32, 32, 32, 32, 16, 16),
+        scorer_input: str = "target",
     ) -> None:
         super().__init__()
-        self.spatial_dims = spatial_dims
-        self.unet, width = voxelmorph_unet(spatial_dims, in_channels, encoder, decoder)
+        self.spatial_dims, self.scorer_input = spatial_dims, scorer_input
+        self.unet, width = voxelmorph_unet(spatial_dims, in_channels * _input_images(scorer_input), encoder, decoder)
         self.head = Convolution(spatial_dims, width, 1, kernel_size=3, conv_only=True)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.head(self.unet(image)))
 
 
-__all__ = ["ScoringNetwork", "VoxelMorphScorer", "map_unet", "voxelmorph_unet"]
+__all__ = ["SCORER_INPUT_IMAGES", "ScoringNetwork", "VoxelMorphScorer", "map_unet", "voxelmorph_unet"]

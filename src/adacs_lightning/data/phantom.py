@@ -77,6 +77,10 @@ class Nuisances:
             ``γ ∈ [1/(1+contrast), 1+contrast]`` (log-uniform); 0 turns it off.
         fov: mask both frames with an ultrasound sector and return the mask.
         sector_angle_deg: full opening angle of the sector.
+        other_subject: how far the target's anatomy departs from the source's beyond the motion, in [0, 1]:
+            0 the same heart (one subject's two frames); 1 an independent heart (shape, size, wall and
+            texture of another subject), as inter-subject registration sees: differences no smooth
+            deformation removes, with no voxel marked as lacking correspondence.
     """
 
     noise: Literal["speckle", "rician", "none"] = "speckle"
@@ -92,6 +96,7 @@ class Nuisances:
     contrast: float = 0.0
     fov: bool = True
     sector_angle_deg: float = 80.0
+    other_subject: float = 0.0
 
     def __post_init__(self) -> None:
         if self.shadow_frames not in ("both", "target"):
@@ -105,6 +110,7 @@ class Nuisances:
             "shadow_attenuation",
             "dropout_attenuation",
             "speckle_correlation",
+            "other_subject",
         ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -177,32 +183,54 @@ def _pad_spec(padding: list[int]) -> list[int]:
     return spec
 
 
-def anatomy(shape: tuple[int, ...], gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The ED frame: ``(image, label, centre (ndim,), cavity radius in voxels)``.
-
-    An elliptic blood pool with wobbly borders inside a myocardium ring about 40 % as
-    thick as the cavity radius, centred near the middle of the field of view.
-    """
+def subject(shape: tuple[int, ...], gen: torch.Generator) -> dict[str, Tensor]:
+    """One heart's anatomy as numbers and fields: centre ``(ndim,)`` and semi-axes ``(ndim,)`` in voxels, the
+    border's wobble, the wall's thickness (a fraction of the cavity radius) and the tissue textures."""
     ndim, size = len(shape), float(min(shape))
-    coords = _grid(shape)
     centre = torch.tensor(
         [n * _uniform(gen, 0.52, 0.6) if i == 0 else n * _uniform(gen, 0.45, 0.55) for i, n in enumerate(shape)]
     )
     cavity_radius = size * _uniform(gen, 0.14, 0.19)
     radii = torch.tensor([cavity_radius * _uniform(gen, 0.85, 1.15) for _ in range(ndim)])
-    offset = (coords - centre.view(-1, *([1] * ndim))) / radii.view(-1, *([1] * ndim))
+    wobble = smooth_noise(shape, 6, gen)
+    wall = torch.tensor(_uniform(gen, 0.35, 0.5))
+    tissue, myocardium = smooth_noise(shape, 12, gen), smooth_noise(shape, 16, gen)
+    return dict(centre=centre, radii=radii, cavity_radius=torch.tensor(cavity_radius), wobble=wobble, wall=wall,
+                tissue=tissue, myocardium=myocardium)  # fmt: skip
+
+
+def another_subject(first: dict[str, Tensor], change: float, gen: torch.Generator) -> dict[str, Tensor]:
+    """A second heart ``change`` of the way from ``first`` to an independent draw (1: unrelated, as two subjects).
+
+    Numbers are interpolated; the random fields are mixed as ``√(1 − c²)·first + c·fresh``, so their variance stays.
+    """
+    fresh = subject(tuple(first["wobble"].shape[1:]), gen)
+    mixed = {k: (1.0 - change) * first[k] + change * fresh[k] for k in ("centre", "radii", "cavity_radius", "wall")}
+    for k in ("wobble", "tissue", "myocardium"):
+        mixed[k] = math.sqrt(1.0 - change**2) * first[k] + change * fresh[k]
+    return mixed
+
+
+def render(heart: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The ED frame of a heart from :func:`subject`: ``(image (1, *shape) in [0, 1], label (1, *shape))``.
+
+    An elliptic blood pool with wobbly borders inside a myocardium ring about 40 % as
+    thick as the cavity radius, centred near the middle of the field of view.
+    """
+    shape = tuple(heart["wobble"].shape[1:])
+    ndim = len(shape)
+    offset = (_grid(shape) - heart["centre"].view(-1, *([1] * ndim))) / heart["radii"].view(-1, *([1] * ndim))
     rho = offset.pow(2).sum(0).sqrt().unsqueeze(0)  # elliptic radius, 1 on the endocardium
-    rho = rho * (1.0 + 0.06 * smooth_noise(shape, 6, gen))
-    wall = _uniform(gen, 0.35, 0.5)
+    rho = rho * (1.0 + 0.06 * heart["wobble"])
     label = torch.zeros((1, *shape), dtype=torch.long)
-    label[rho < 1.0 + wall] = MYOCARDIUM
+    label[rho < 1.0 + float(heart["wall"])] = MYOCARDIUM
     label[rho < 1.0] = BLOOD
 
-    tissue = 0.32 + 0.06 * smooth_noise(shape, 12, gen)
-    myocardium = 0.68 * (1.0 + 0.12 * smooth_noise(shape, 16, gen))
+    tissue = 0.32 + 0.06 * heart["tissue"]
+    myocardium = 0.68 * (1.0 + 0.12 * heart["myocardium"])
     blood = torch.full((1, *shape), 0.06)
     image = torch.where(label == MYOCARDIUM, myocardium, torch.where(label == BLOOD, blood, tissue))
-    return _blur(image, 1.0).clamp(0, 1), label, centre, torch.tensor(cavity_radius)
+    return _blur(image, 1.0).clamp(0, 1), label
 
 
 def contraction_field(shape: tuple[int, ...], centre: Tensor, cavity_radius: Tensor, gen: torch.Generator) -> Tensor:
@@ -354,12 +382,17 @@ def make_pair(shape: tuple[int, ...], nuisance: Nuisances, gen: torch.Generator)
     """One ED→ES phantom pair of spatial ``shape`` (2D or 3D)."""
     if len(shape) not in (2, 3):
         raise ValueError(f"phantoms are 2D or 3D, got shape {shape}")
-    ed_image, ed_label, centre, cavity_radius = anatomy(shape, gen)
-    ddf = contraction_field(shape, centre, cavity_radius, gen)
+    heart = subject(shape, gen)
+    ed_image, ed_label = render(heart)
+    ddf = contraction_field(shape, heart["centre"], heart["cavity_radius"], gen)
     warp_image = warp_block("bilinear", "border")
     warp_label = warp_block("nearest", "border")
-    es_image = warp_image(ed_image[None], ddf[None])[0]
-    es_label = warp_label(ed_label[None].float(), ddf[None])[0].round().long()
+    # The target's heart: the same (a cardiac pair), or another subject's, before the motion.
+    es_image, es_label = (ed_image, ed_label) if nuisance.other_subject == 0 else render(
+        another_subject(heart, nuisance.other_subject, gen)
+    )
+    es_image = warp_image(es_image[None], ddf[None])[0]
+    es_label = warp_label(es_label[None].float(), ddf[None])[0].round().long()
 
     speckle = nuisance.noise == "speckle" and nuisance.noise_level > 0
     fields = []

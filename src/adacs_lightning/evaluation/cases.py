@@ -160,8 +160,9 @@ class CaseEvaluator:
         source, target = pair["source"].to(self.device), pair["target"].to(self.device)
         mask = pair.get("mask")
         mask = None if mask is None else mask.to(self.device)
-        residual = self.weighting.objective.residual(source, target, ddf, mask)
-        weight = self.weighting.weight_map(target, residual)
+        warped = self.weighting.warp(source, ddf)
+        residual = self.weighting.similarity(warped, target, mask)
+        weight = self.weighting.weight_map(target, residual, warped)
         if weight is not None:
             row.update({k: float(v[0]) for k, v in localisation(weight, nocorr.to(self.device), mask).items()})
         return row

@@ -17,7 +17,18 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..choices import REFERENCE_RECIPE_SETTINGS
-from ..correspondence import REFERENCE_LEVEL, ResidualLevels, shift_min_residual
+from ..correspondence import (
+    DEAD_ZONE_HALF,
+    DEAD_ZONE_K,
+    REFERENCE_LEVEL,
+    ROBUST_CALIBRATIONS,
+    TUKEY_C,
+    ResidualLevels,
+    RobustScale,
+    foreground,
+    kept_mass,
+    shift_min_residual,
+)
 from ..errors import ConfigError
 from ..losses import masked_mean, scoring_loss
 from ..momentum import MomentumWeight
@@ -26,7 +37,7 @@ from ..schedule import Phase, phase_at
 from ..scoring import ScoringNetwork
 from ..similarity import SQUARED_ERROR_KAPPA
 from .base import RegistrationModule
-from .settings import PAPER, WARMUP_EPOCHS, check_adacs_settings
+from .settings import PAPER, WARMUP_EPOCHS, check_adacs_settings, check_robust_settings
 from .steps import Cycle, step
 
 Tensor = torch.Tensor
@@ -43,6 +54,7 @@ class MicroBatch:
     mu: Tensor  # the data term of L_de, detached: this micro-batch's μ
     logs: dict[str, Tensor]
     batch: Mapping[str, Any]
+    targets: list[Tensor] | None = None  # what L_ucs weights, one per direction (r's units); None in warm-up A
 
     @property
     def batch_size(self) -> int:
@@ -84,9 +96,22 @@ class AdaCS(RegistrationModule):
             small patch, :func:`~adacs_lightning.correspondence.shift_min_residual`: what no nearby
             displacement removes is scored down) or ``"residual"`` (the paper: ``r``).
         shift_radius, shift_patch: the largest shift (voxels per axis) and the patch (voxels) of ``shift_min``.
-        calibration: ``"data"`` (the residual levels of the last warm-up-A epoch set the scale: the scorer
-            sees ``r·0.02/level`` and κ is read on the paper's scale, ``κ/50/level``) or ``"fixed"`` (the
-            paper's constants: the scorer sees ``r`` on squared error's scale, κ the similarity's).
+        calibration: where the scorer's optimum ``Ŝ* = clip(1 − t'/(2α), 0, 1)`` falls (docs/method.md,
+            *Calibration*). ``"dead_zone"``: ``Ŝ* = 1`` below ``τ = median + k·σ̂`` of the target, 0.5 at
+            ``median + k_½·σ̂`` (σ̂ = 1.4826·MAD, over the images' foreground, last warm-up-A epoch);
+            ``"tukey"``: 0.5 where the target, read as a squared error, reaches ``(c·σ̂)²``; ``"data"``: 0.5 at
+            the target's *mean* level (the scorer sees ``r·0.02/level``); ``"fixed"``: the paper's constants
+            (``r`` on squared error's scale). Except ``"fixed"``, κ is read on the paper's scale (``κ/50/level``
+            of the data term).
+        tukey_c: ``c`` of ``"tukey"`` in units of σ̂ (4.685: Tukey's biweight, 95 % efficiency).
+        dead_zone: ``(k, k_½)`` of ``"dead_zone"`` in units of σ̂.
+        scale_momentum: 0 fixes the robust scale at the end of warm-up A; ``γ`` in (0, 1) then tracks it
+            with an exponential moving average over the scored micro-batches.
+        keep_inliers: the backbone's data term keeps weight 1 wherever the current target lies in the dead
+            zone (``t ≤ τ``), whatever the scorer says: the score can only lower what no displacement
+            explains (``calibration="dead_zone"`` only).
+        scorer_input: ``"target"`` (the paper: ``g_φ`` sees the fixed image) or ``"pair"`` (the fixed image
+            and the warped source, stop-gradient).
         warmup_epochs: ``N_w``.
         settings: the base module's (:class:`~adacs_lightning.methods.RegistrationModule`): ``lam``, ``lr``,
             ``accumulate_grad_batches`` (both networks), ``bidirectional`` (the target → source direction is
@@ -110,24 +135,35 @@ class AdaCS(RegistrationModule):
         shift_radius: int = 2,
         shift_patch: int = 3,
         calibration: str = "data",
+        tukey_c: float = TUKEY_C,
+        dead_zone: tuple[float, float] = (DEAD_ZONE_K, DEAD_ZONE_HALF),
+        scale_momentum: float = 0.0,
+        keep_inliers: bool = False,
+        scorer_input: str = "target",
         warmup_epochs: int = WARMUP_EPOCHS,
         **settings: Any,
     ) -> None:
         _accept_reference_settings(settings)
+        dead_zone = tuple(float(v) for v in dead_zone)
         check_adacs_settings(
             alpha, beta, scorer_lr, data_weighting, scorer_target, shift_radius, shift_patch, calibration, kappa
         )
+        check_robust_settings(calibration, tukey_c, dead_zone, scale_momentum, keep_inliers, scorer_input, scorer)
         super().__init__(backbone, warmup_epochs=warmup_epochs, **settings)
         self.scorer: nn.Module | None = None
         if scoring:
-            self.scorer = (
-                scorer if scorer is not None else ScoringNetwork(self.backbone.spatial_dims, self.backbone.in_channels)
-            )
+            self.scorer = scorer if scorer is not None else self._default_scorer(scorer_input)
         elif scorer is not None:
             raise ValueError("scoring=False trains the plain backbone: do not pass a scorer")
         self.momentum = self._momentum(gamma, self.similarity.kappa if kappa is None else kappa)
-        # Measured over the last warm-up-A epoch (calibration="data"); buffers, so checkpoints hold them.
-        self.levels = ResidualLevels() if calibration == "data" and self.scorer is not None else None
+        # Measured over the last warm-up-A epoch (every calibration but "fixed"); buffers, so checkpoints hold them.
+        calibrated = calibration != "fixed" and self.scorer is not None
+        self.levels = ResidualLevels() if calibrated else None
+        self.robust = (
+            RobustScale(calibration, tukey_c, dead_zone, scale_momentum)
+            if calibrated and calibration in ROBUST_CALIBRATIONS
+            else None
+        )
         # With calibration="data", κ is read on the paper's scale: 50 (the default) puts b_T = 0 at the measured level.
         self._kappa_on_paper_scale = float(kappa) if isinstance(kappa, (int, float)) else SQUARED_ERROR_KAPPA
         self._pending = _Cycle()
@@ -136,6 +172,9 @@ class AdaCS(RegistrationModule):
     def paper(cls, backbone: nn.Module, scorer: nn.Module | None = None, **settings: Any) -> AdaCS:
         """AdaCS with the paper's settings (:data:`~adacs_lightning.methods.settings.PAPER`), as ``experiment=paper``."""
         return cls(backbone, scorer, **{**PAPER, **settings})
+
+    def _default_scorer(self, scorer_input: str) -> ScoringNetwork:
+        return ScoringNetwork(self.backbone.spatial_dims, self.backbone.in_channels, scorer_input=scorer_input)
 
     def _momentum(self, gamma: float, kappa: float | str) -> MomentumWeight:
         return MomentumWeight(gamma=gamma, kappa=kappa)
@@ -157,8 +196,17 @@ class AdaCS(RegistrationModule):
     def backbone_idle_epochs(self) -> int:
         return self.hparams.warmup_epochs if self.scorer is not None else 0
 
-    def weight_map(self, fixed: Tensor, residual: Tensor) -> Tensor | None:
-        return self.scorer(fixed) if self.scorer is not None else None
+    def weight_map(self, fixed: Tensor, residual: Tensor, warped: Tensor | None = None) -> Tensor | None:
+        return self.score(fixed, warped) if self.scorer is not None else None
+
+    def score(self, fixed: Tensor, warped: Tensor | None = None) -> Tensor:
+        """``Ŝ`` ``(B, 1, *spatial)``: the scorer on ``fixed`` (``scorer_input="pair"``: and ``warped``, the warped
+        source, stop-gradient), with its graph."""
+        if self.hparams.scorer_input == "pair":
+            if warped is None:
+                raise ValueError("this run's scorer sees the pair (scorer_input='pair'): pass the warped source")
+            return self.scorer(torch.cat([fixed, warped.detach()], dim=1))
+        return self.scorer(fixed)
 
     def configure_optimizers(self):
         if self.scorer is None:
@@ -216,14 +264,28 @@ class AdaCS(RegistrationModule):
         """Register (both directions when bidirectional), score the fixed images, and form ``L_de``."""
         directions = self._register(batch, frozen=self._backbone_frozen())
         mask = batch.get("mask")
-        self._calibrate(directions, mask)
-        score = None
-        if self.phase is not Phase.WARMUP_BACKBONE:
+        scoring = self.phase is not Phase.WARMUP_BACKBONE
+        targets = self._scorer_targets(directions, mask) if scoring or self._calibrating else None
+        self._calibrate(directions, targets, mask)
+        score, weights, logs = None, [None] * len(directions), {}
+        if scoring:
             # One scorer call per step: its detached output weights L_de, its graph serves L_se.
-            score = self.scorer(torch.cat([d.fixed for d in directions], dim=0))
-        weights = split_batch(score, len(directions))
-        loss_de, data, logs = self.objective(directions, weights, mask, self.hparams.data_weighting)
-        return MicroBatch(directions, mask, score, loss_de, data.detach(), logs, batch)
+            score = self.score(*(torch.cat(images, dim=0) for images in self._scorer_images(directions)))
+            weights = self._data_weights(split_batch(score, len(directions)), targets)
+            logs["train/kept_mass"] = mean_of(kept_mass(w, d.residual, mask) for w, d in zip(weights, directions))
+        loss_de, data, backbone_logs = self.objective(directions, weights, mask, self.hparams.data_weighting)
+        return MicroBatch(directions, mask, score, loss_de, data.detach(), {**backbone_logs, **logs}, batch, targets)
+
+    def _scorer_images(self, directions: list[Direction]) -> tuple[list[Tensor], ...]:
+        """What the scorer sees of each direction: the fixed images, and with ``scorer_input="pair"`` the warped ones."""
+        fixed = [d.fixed for d in directions]
+        return (fixed, [d.warped for d in directions]) if self.hparams.scorer_input == "pair" else (fixed,)
+
+    def _data_weights(self, scores: list[Tensor], targets: list[Tensor]) -> list[Tensor]:
+        """The maps that weight the backbone's data term: ``Ŝ``, or with ``keep_inliers`` 1 where ``t ≤ τ``."""
+        if not self.hparams.keep_inliers:
+            return scores
+        return [torch.where(self.robust.inliers(t), torch.ones_like(s), s.detach()) for s, t in zip(scores, targets)]
 
     def _end_cycle(self, cycle: Cycle, batch_idx: int, updates_backbone: bool) -> dict[str, Tensor]:
         """The backbone's step, ``m_T`` from the cycle's ``μ``, then the scorer's update on the queued micro-batches."""
@@ -255,7 +317,7 @@ class AdaCS(RegistrationModule):
 
     def _scorer_residuals(self, terms: MicroBatch) -> list[Tensor]:
         """The maps ``L_ucs`` weights: from the backbone as it was before its update (one backbone pass per step)."""
-        return self._scorer_targets(terms.directions, terms.mask)
+        return terms.targets
 
     def _update_momentum(self, mus: list[Tensor]) -> dict[str, Tensor]:
         """Fold the mean of the cycle's ``μ`` (averaged over data-parallel ranks) into ``m_T``; returns its logs."""
@@ -273,38 +335,68 @@ class AdaCS(RegistrationModule):
         if self.hparams.scorer_target == "residual":
             return [d.residual.detach() if detach else d.residual for d in directions]
         radius, patch = self.hparams.shift_radius, self.hparams.shift_patch
-        with torch.no_grad():
-            warped = [self.warp(d.moving, d.output.ddf.detach()) for d in directions]
-            return [
-                shift_min_residual(self.similarity, w, d.fixed, mask, radius, patch) for w, d in zip(warped, directions)
-            ]
+        return [
+            shift_min_residual(self.similarity, d.warped.detach(), d.fixed, mask, radius, patch) for d in directions
+        ]
 
     def _on_scorer_scale(self, target: Tensor) -> Tensor:
-        """The target on the scale the paper's α and β were set for: fixed by the similarity, or by the data's level."""
+        """The target on the scale the paper's α and β were set for: fixed by the similarity, by the data's
+        mean level, or by its robust scale (:class:`~adacs_lightning.correspondence.RobustScale`)."""
+        if self.robust is not None:
+            return self.robust.on_scorer_scale(target, self.hparams.alpha)
         if self.levels is None:
             return self.similarity.on_scorer_scale(target)
         return target * (REFERENCE_LEVEL / self.levels.scorer)
 
-    def _calibrate(self, directions: list[Direction], mask: Tensor | None) -> None:
-        """``calibration="data"``: observe the last warm-up-A epoch's residuals; fix the levels when scoring starts.
+    @property
+    def _calibrating(self) -> bool:
+        """Whether this micro-batch's targets feed the calibration: the last warm-up-A epoch, unmeasured."""
+        return (
+            self.levels is not None
+            and not self.levels.measured
+            and self.current_epoch == self.hparams.warmup_epochs - 1
+        )
+
+    def _calibrate(self, directions: list[Direction], targets: list[Tensor] | None, mask: Tensor | None) -> None:
+        """Observe the last warm-up-A epoch's targets and data terms; fix the levels (and robust scale) when scoring
+        starts; with ``scale_momentum`` > 0, keep moving the robust scale.
 
         Without a warm-up A (or when resuming past it unmeasured), the first scored micro-batch is the measurement.
         """
-        if self.levels is None or self.levels.measured:
+        if self.levels is None:
             return
         scoring = self.phase is not Phase.WARMUP_BACKBONE
-        if self.current_epoch == self.hparams.warmup_epochs - 1 or (scoring and self.levels.observed == 0):
-            targets = self._scorer_targets(directions, mask)
-            data = mean_of(masked_mean(d.residual.detach(), mask) for d in directions)
-            repeated = None if mask is None else mask.repeat(len(targets), *[1] * (mask.ndim - 1))
-            self.levels.observe(torch.cat(targets, dim=0), data, repeated)
-        if scoring:
-            self.levels.fix(lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
+        tracking = self.robust is not None and self.robust.momentum > 0 and self.robust.measured
+        if self.levels.measured and not (tracking and scoring):
+            return
+        if self._calibrating or (scoring and self.levels.observed == 0) or tracking:
+            if not tracking:
+                data = mean_of(masked_mean(d.residual.detach(), mask) for d in directions)
+                repeated = None if mask is None else mask.repeat(len(targets), *[1] * (mask.ndim - 1))
+                self.levels.observe(torch.cat(targets, dim=0), data, repeated)
+            if self.robust is not None:
+                inside = [foreground(d.fixed, d.warped, mask) for d in directions]
+                self.robust.observe(torch.cat(targets, dim=0), torch.cat(inside, dim=0))
+        if scoring and not self.levels.measured:
+            reduce = lambda t: self.trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731
+            self.levels.fix(reduce)
+            if self.robust is not None:
+                self.robust.fix(reduce)
             self.momentum.kappa.copy_(self._kappa_on_paper_scale / SQUARED_ERROR_KAPPA / self.levels.data)
-            rank_zero_info(
+            rank_zero_info(self._calibration_message())
+
+    def _calibration_message(self) -> str:
+        kappa = f"the data term's level {float(self.levels.data):.4g}: κ = {float(self.momentum.kappa):.4g}"
+        if self.robust is None:
+            return (
                 f"Calibrated to the data: the scorer's target level {float(self.levels.scorer):.4g} (shown to it "
-                f"as {REFERENCE_LEVEL}), the data term's {float(self.levels.data):.4g}: κ = {float(self.momentum.kappa):.4g}."
+                f"as {REFERENCE_LEVEL}), {kappa}."
             )
+        return (
+            f"Calibrated to the data ({self.robust.calibration}): the scorer's target has median "
+            f"{float(self.robust.median):.4g} and σ̂ {float(self.robust.sigma):.4g}; Ŝ* = 1 below "
+            f"{float(self.robust.threshold):.4g} and 0.5 at {float(self.robust.midpoint):.4g}; {kappa}."
+        )
 
     def _scoring_loss(self, terms: MicroBatch, m: Tensor, residuals: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """``L_se`` of one micro-batch (targets on the scorer's scale), averaged over directions, and its logs."""
@@ -315,6 +407,8 @@ class AdaCS(RegistrationModule):
         loss_se, ucs, reg, smooth = (mean_of(t[i] for t in losses) for i in range(4))
         logs = {"train/loss_se": loss_se, "train/ucs": ucs, "train/reg": reg, "train/smooth_score": smooth}
         logs["train/score_mean"] = mean_of(masked_mean(s.detach(), terms.mask) for s in scores)
+        if self.robust is not None:
+            logs["train/scale_threshold"], logs["train/scale_half"] = self.robust.threshold, self.robust.midpoint
         if self.levels is not None:
             logs["train/kappa"] = self.momentum.kappa.clone()
         return loss_se, logs

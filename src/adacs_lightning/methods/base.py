@@ -109,8 +109,9 @@ class RegistrationModule(SpeedOptions, L.LightningModule):
         """Epochs in which the backbone is not updated (AdaCS's warm-up B); an equal budget adds them."""
         return 0
 
-    def weight_map(self, fixed: Tensor, residual: Tensor) -> Tensor | None:
-        """The weight ``(B, 1, *spatial)`` in [0, 1] the method gives ``residual`` measured on ``fixed``; None: ``Ŝ ≡ 1``."""
+    def weight_map(self, fixed: Tensor, residual: Tensor, warped: Tensor | None = None) -> Tensor | None:
+        """The weight ``(B, 1, *spatial)`` in [0, 1] the method gives ``residual`` measured on ``fixed`` (``warped``: the
+        warped source, for a scorer that sees the pair); None: ``Ŝ ≡ 1``."""
         return None
 
     # ------------------------------------------------------------------ inference and checkpoints
@@ -191,9 +192,10 @@ class RegistrationModule(SpeedOptions, L.LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         source, target, mask = self._images(batch)
         ddf = self.backbone(source, target)
-        residual = self.objective.residual(source, target, ddf, mask)
+        warped = self.warp(source, ddf)
+        residual = self.similarity(warped, target, mask)
         nocorr = batch.get("nocorr")
-        weight = self.weight_map(target, residual) if nocorr is not None else None
+        weight = self.weight_map(target, residual, warped) if nocorr is not None else None
         labels = (batch.get("source_label"), batch.get("target_label"), self._eval_labels)
         logged = self.val_metrics.update(ddf, residual, mask, weight, nocorr, labels)
         size = source.shape[0]

@@ -113,11 +113,11 @@ def _check_recipe(score_residual: str, momentum_mode: str, reference_leak: bool,
             f"must be one of {MOMENTUM_MODES}, got {momentum_mode!r}.",
             "The reference's is 'reference'.",
         )
-    if settings["calibration"] == "data" and momentum_mode == "reference":
+    if settings["calibration"] != "fixed" and momentum_mode == "reference":
         raise ConfigError(
             "calibration",
-            "'data' sets κ for the paper's momentum target cos(π/2·κμ); the reference's cos(π·κμ) reads κ differently.",
-            "Use momentum_mode='paper' with calibration='data', or calibration='fixed'.",
+            f"{settings['calibration']!r} sets κ for the paper's momentum target cos(π/2·κμ); the reference's cos(π·κμ) reads κ differently.",
+            "Use momentum_mode='paper' with a calibrated scale, or calibration='fixed'.",
         )
     if reference_leak and settings["scorer_target"] != "residual":
         raise ConfigError(

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..correspondence import ROBUST_CALIBRATIONS, RobustScale, foreground, kept_mass, shift_min_residual
 from ..errors import ConfigError
 from ..losses import DATA_WEIGHTINGS, closed_form_score, masked_mean
-from ..objective import mean_of
+from ..objective import Direction, mean_of
 from .base import RegistrationModule
 from .settings import WARMUP_EPOCHS
 
@@ -31,6 +32,12 @@ class ClosedFormRobust(RegistrationModule):
         alpha: ``α`` of the score regulariser it stands in for: residuals above ``2α`` (on squared
             error's scale, see :meth:`~adacs_lightning.similarity.Similarity.on_scorer_scale`) get weight 0.
         data_weighting: ``mean`` or ``normalised`` (as :class:`~adacs_lightning.AdaCS`).
+        calibration: ``"fixed"`` (``S*`` from ``α`` on squared error's scale) or a robust scale of AdaCS's,
+            ``"dead_zone"`` or ``"tukey"``, measured over the last warm-up epoch (``S*`` =
+            :meth:`~adacs_lightning.correspondence.RobustScale.optimum` of the target): the control for a
+            robustly calibrated AdaCS.
+        scorer_target: what ``S*`` is computed from: ``"residual"`` or ``"shift_min"`` (as AdaCS's;
+            ``shift_radius``, ``shift_patch`` its shifts and patch).
         Others: see :class:`~adacs_lightning.methods.RegistrationModule`.
     """
 
@@ -42,6 +49,10 @@ class ClosedFormRobust(RegistrationModule):
         *,
         alpha: float = 0.02,
         data_weighting: str = "mean",
+        calibration: str = "fixed",
+        scorer_target: str = "residual",
+        shift_radius: int = 2,
+        shift_patch: int = 3,
         warmup_epochs: int = WARMUP_EPOCHS,
         **settings: Any,
     ):
@@ -49,10 +60,39 @@ class ClosedFormRobust(RegistrationModule):
             raise ConfigError("alpha", f"must be positive, got {alpha}.", "AdaCS's default is 0.02.")
         if data_weighting not in DATA_WEIGHTINGS[:2]:
             raise ConfigError("data_weighting", f"must be 'mean' or 'normalised', got {data_weighting!r}.")
+        if calibration not in ("fixed", *ROBUST_CALIBRATIONS):
+            raise ConfigError("calibration", f"must be 'fixed', 'dead_zone' or 'tukey', got {calibration!r}.")
+        if scorer_target not in ("residual", "shift_min"):
+            raise ConfigError("scorer_target", f"must be 'residual' or 'shift_min', got {scorer_target!r}.")
         super().__init__(backbone, warmup_epochs=warmup_epochs, **settings)
+        self.robust = RobustScale(calibration) if calibration in ROBUST_CALIBRATIONS else None
 
-    def weight_map(self, fixed: Tensor, residual: Tensor) -> Tensor:
-        return closed_form_score(self.similarity.on_scorer_scale(residual), self.hparams.alpha)
+    def target(self, fixed: Tensor, residual: Tensor, warped: Tensor | None, mask: Tensor | None = None) -> Tensor:
+        """What ``S*`` is computed from ``(B, 1, *spatial)``: the residual, or its shift-minimum (needs ``warped``)."""
+        if self.hparams.scorer_target == "residual":
+            return residual.detach()
+        if warped is None:
+            raise ValueError("scorer_target='shift_min' needs the warped source")
+        radius, patch = self.hparams.shift_radius, self.hparams.shift_patch
+        return shift_min_residual(self.similarity, warped.detach(), fixed, mask, radius, patch)
+
+    def weight_map(self, fixed: Tensor, residual: Tensor, warped: Tensor | None = None) -> Tensor:
+        target = self.target(fixed, residual, warped)
+        if self.robust is not None:
+            return self.robust.optimum(target)
+        return closed_form_score(self.similarity.on_scorer_scale(target), self.hparams.alpha)
+
+    def _observe(self, directions: list[Direction], mask: Tensor | None) -> None:
+        """A robust calibration measures its scale over the last warm-up epoch and fixes it when weighting starts."""
+        if self.robust is None or self.robust.measured:
+            return
+        weighting = self.current_epoch >= self.hparams.warmup_epochs
+        if self.current_epoch == self.hparams.warmup_epochs - 1 or (weighting and self.robust.observed == 0):
+            for d in directions:
+                target = self.target(d.fixed, d.residual, d.warped, mask)
+                self.robust.observe(target, foreground(d.fixed, d.warped, mask))
+        if weighting:
+            self.robust.fix(lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
 
     def configure_optimizers(self):
         return self.backbone_optimizer()
@@ -63,9 +103,11 @@ class ClosedFormRobust(RegistrationModule):
         mask = batch.get("mask")
         weights = [None] * len(directions)
         logs: dict[str, Tensor] = {}
+        self._observe(directions, mask)
         if self.current_epoch >= self.hparams.warmup_epochs:
-            weights = [self.weight_map(d.fixed, d.residual) for d in directions]
+            weights = [self.weight_map(d.fixed, d.residual, d.warped) for d in directions]
             logs["train/score_mean"] = mean_of(masked_mean(w, mask) for w in weights)
+            logs["train/kept_mass"] = mean_of(kept_mass(w, d.residual, mask) for w, d in zip(weights, directions))
         loss, _, backbone_logs = self.objective(directions, weights, mask, self.hparams.data_weighting)
         self._check_finite(batch_idx, {"L_de": loss})
         self._accumulate(loss, cycle, self.optimizers())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..correspondence import CALIBRATIONS, SCORER_TARGETS
+from ..correspondence import CALIBRATIONS, DEAD_ZONE_HALF, DEAD_ZONE_K, SCORER_INPUTS, SCORER_TARGETS, TUKEY_C
 from ..errors import ConfigError
 from ..losses import DATA_WEIGHTINGS
 from ..objective import SMOOTHNESS_TARGETS
@@ -80,7 +80,38 @@ def check_adacs_settings(
             f"and shift_patch must be a positive radius and an odd patch, got {shift_radius} and {shift_patch}.",
             "The default is shift_radius=2, shift_patch=3.",
         )
-    if calibration == "data" and kappa == "auto":
+    if calibration != "fixed" and kappa == "auto":
         raise ConfigError(
-            "kappa", "is 'auto', another calibration of κ, but calibration='data' sets it.", "Give a number or null."
+            "kappa",
+            f"is 'auto', another calibration of κ, but calibration={calibration!r} sets it.",
+            "Give a number or null.",
+        )
+
+
+def check_robust_settings(calibration, tukey_c, dead_zone, scale_momentum, keep_inliers, scorer_input, scorer) -> None:
+    """Reject robust-calibration and scorer-input settings AdaCS cannot use, naming the setting and a usable value."""
+    if tukey_c <= 0:
+        raise ConfigError("tukey_c", f"must be positive, got {tukey_c}.", f"Tukey's is {TUKEY_C}.")
+    if len(dead_zone) != 2 or not 0 <= dead_zone[0] < dead_zone[1]:
+        raise ConfigError(
+            "dead_zone",
+            f"must be [k, k_half] with 0 ≤ k < k_half (in units of σ̂), got {list(dead_zone)}.",
+            f"The default is [{DEAD_ZONE_K:g}, {DEAD_ZONE_HALF:g}].",
+        )
+    if not 0 <= scale_momentum < 1:
+        raise ConfigError("scale_momentum", f"must lie in [0, 1), got {scale_momentum}.", "0 fixes the scale.")
+    if keep_inliers and calibration != "dead_zone":
+        raise ConfigError(
+            "keep_inliers", f"needs a dead zone to keep, but calibration is {calibration!r}.", "Use calibration=dead_zone."
+        )
+    if scorer_input not in SCORER_INPUTS:
+        raise ConfigError(
+            "scorer_input", f"must be one of {SCORER_INPUTS}, got {scorer_input!r}.", "The paper's is 'target'."
+        )
+    sees = getattr(scorer, "scorer_input", None)
+    if scorer is not None and sees is not None and sees != scorer_input:
+        raise ConfigError(
+            "scorer_input",
+            f"is {scorer_input!r}, but the scorer given was built for {sees!r}.",
+            f"Build the scorer with scorer_input={scorer_input!r} (the scorer configs follow method.scorer_input).",
         )

@@ -107,7 +107,7 @@ class VarianceWeighted(RegistrationModule):
         weight = torch.exp((self.hparams.beta_nll - 1.0) * self.variance(target))
         return weight / weight.flatten(1).amax(1).clamp_min(1e-12).view(-1, *[1] * (weight.ndim - 1))
 
-    def weight_map(self, fixed: Tensor, residual: Tensor) -> Tensor:
+    def weight_map(self, fixed: Tensor, residual: Tensor, warped: Tensor | None = None) -> Tensor:
         return self.score_map(fixed)
 
     def configure_optimizers(self):
