@@ -298,6 +298,98 @@ class RobustScale(nn.Module):
         )
 
 
+class ScorerTarget:
+    """What a run's scorer learns from, and on what scale (docs/method.md, *What the scorer learns from*).
+
+    The target map (``"residual"``: ``r`` itself; ``"shift_min"``: :func:`shift_min_residual`) and its
+    calibration: the similarity's fixed scale (``levels`` and ``robust`` None), the data's mean level
+    (:class:`ResidualLevels`) or a robust scale (:class:`RobustScale`, with the levels for κ). The levels
+    and the scale are the method's own submodules (their buffers keep their checkpoint names); this
+    object holds references to them and the rules that use them.
+    """
+
+    def __init__(
+        self,
+        similarity: Similarity,
+        kind: str = "shift_min",
+        radius: int = 2,
+        patch: int = 3,
+        levels: ResidualLevels | None = None,
+        robust: RobustScale | None = None,
+    ) -> None:
+        if kind not in SCORER_TARGETS:
+            raise ValueError(f"the scorer's target must be one of {SCORER_TARGETS}, got {kind!r}")
+        self.similarity, self.kind, self.radius, self.patch = similarity, kind, int(radius), int(patch)
+        self.levels, self.robust = levels, robust
+
+    def maps(
+        self,
+        warped: list[Tensor],
+        fixed: list[Tensor],
+        residuals: list[Tensor],
+        mask: Tensor | None = None,
+        detach: bool = True,
+    ) -> list[Tensor]:
+        """The target of each direction ``(B, 1, *spatial)`` in ``r``'s units, from its warped source, fixed image
+        and residual; ``detach=False`` keeps the residual's graph (``"residual"`` only: the reference's leak)."""
+        if self.kind == "residual":
+            return [r.detach() if detach else r for r in residuals]
+        return [shift_min_residual(self.similarity, w.detach(), f, mask, self.radius, self.patch)
+                for w, f in zip(warped, fixed)]  # fmt: skip
+
+    def on_scorer_scale(self, target: Tensor, alpha: float) -> Tensor:
+        """The target as the scorer sees it: on the robust scale, at the paper's level, or the similarity's."""
+        if self.robust is not None:
+            return self.robust.on_scorer_scale(target, alpha)
+        if self.levels is None:
+            return self.similarity.on_scorer_scale(target)
+        return target * (REFERENCE_LEVEL / self.levels.scorer)
+
+    @property
+    def measured(self) -> bool:
+        """Whether the scale is set (always, for the fixed scale)."""
+        if self.levels is not None:
+            return self.levels.measured
+        return self.robust is None or self.robust.measured
+
+    @property
+    def tracking(self) -> bool:
+        """A measured robust scale that keeps moving (``scale_momentum`` > 0)."""
+        return self.robust is not None and self.robust.momentum > 0 and self.robust.measured
+
+    @torch.no_grad()
+    def observe(
+        self,
+        targets: list[Tensor],
+        warped: list[Tensor],
+        fixed: list[Tensor],
+        mask: Tensor | None = None,
+        data_term: Tensor | None = None,
+    ) -> None:
+        """One micro-batch's targets (and its data term, for the levels); a tracked scale moves instead."""
+        stacked = torch.cat(targets, dim=0)
+        if self.levels is not None and not self.tracking:
+            repeated = None if mask is None else mask.repeat(len(targets), *[1] * (mask.ndim - 1))
+            self.levels.observe(stacked, data_term, repeated)
+        if self.robust is not None:
+            inside = torch.cat([foreground(f, w, mask) for f, w in zip(fixed, warped)], dim=0)
+            self.robust.observe(stacked, inside)
+
+    @torch.no_grad()
+    def fix(self, reduce=lambda t: t) -> str:
+        """Set the scale from what was observed (``reduce`` averages over data-parallel processes); says what it set."""
+        if self.levels is not None:
+            self.levels.fix(reduce)
+        if self.robust is not None:
+            self.robust.fix(reduce)
+            r = self.robust
+            return (
+                f"the scorer's target ({self.kind}) has median {float(r.median):.4g} and σ̂ {float(r.sigma):.4g}; "
+                f"Ŝ* = 1 below {float(r.threshold):.4g} and 0.5 at {float(r.midpoint):.4g} ({r.calibration})"
+            )
+        return f"the scorer's target level {float(self.levels.scorer):.4g} (shown to it as {REFERENCE_LEVEL})"
+
+
 def kept_mass(weight: Tensor | None, residual: Tensor, mask: Tensor | None = None) -> Tensor:
     """``Σ w·r / Σ r`` over the voxels inside ``mask``: the share of the data term a weight map keeps (1: all)."""
     if weight is None:
@@ -314,6 +406,7 @@ __all__ = [
     "SCORER_INPUTS",
     "TUKEY_C",
     "RobustScale",
+    "ScorerTarget",
     "foreground",
     "kept_mass",
     "robust_location_scale",

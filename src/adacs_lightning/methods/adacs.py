@@ -20,14 +20,12 @@ from ..choices import REFERENCE_RECIPE_SETTINGS
 from ..correspondence import (
     DEAD_ZONE_HALF,
     DEAD_ZONE_K,
-    REFERENCE_LEVEL,
     ROBUST_CALIBRATIONS,
     TUKEY_C,
     ResidualLevels,
     RobustScale,
-    foreground,
+    ScorerTarget,
     kept_mass,
-    shift_min_residual,
 )
 from ..errors import ConfigError
 from ..losses import masked_mean, scoring_loss
@@ -163,6 +161,9 @@ class AdaCS(RegistrationModule):
             RobustScale(calibration, tukey_c, dead_zone, scale_momentum)
             if calibrated and calibration in ROBUST_CALIBRATIONS
             else None
+        )
+        self.correspondence = ScorerTarget(
+            self.similarity, scorer_target, shift_radius, shift_patch, self.levels, self.robust
         )
         # With calibration="data", κ is read on the paper's scale: 50 (the default) puts b_T = 0 at the measured level.
         self._kappa_on_paper_scale = float(kappa) if isinstance(kappa, (int, float)) else SQUARED_ERROR_KAPPA
@@ -332,21 +333,12 @@ class AdaCS(RegistrationModule):
     # ------------------------------------------------------------------ the scorer's target and loss
     def _scorer_targets(self, directions: list[Direction], mask: Tensor | None, detach: bool = True) -> list[Tensor]:
         """The maps ``L_ucs`` weights, one per direction ``(B, 1, *spatial)``, in ``r``'s units (not yet rescaled)."""
-        if self.hparams.scorer_target == "residual":
-            return [d.residual.detach() if detach else d.residual for d in directions]
-        radius, patch = self.hparams.shift_radius, self.hparams.shift_patch
-        return [
-            shift_min_residual(self.similarity, d.warped.detach(), d.fixed, mask, radius, patch) for d in directions
-        ]
+        warped, fixed, residuals = zip(*((d.warped, d.fixed, d.residual) for d in directions))
+        return self.correspondence.maps(list(warped), list(fixed), list(residuals), mask, detach)
 
     def _on_scorer_scale(self, target: Tensor) -> Tensor:
-        """The target on the scale the paper's α and β were set for: fixed by the similarity, by the data's
-        mean level, or by its robust scale (:class:`~adacs_lightning.correspondence.RobustScale`)."""
-        if self.robust is not None:
-            return self.robust.on_scorer_scale(target, self.hparams.alpha)
-        if self.levels is None:
-            return self.similarity.on_scorer_scale(target)
-        return target * (REFERENCE_LEVEL / self.levels.scorer)
+        """The target on the scale the scorer's α and β were set for (:class:`~adacs_lightning.correspondence.ScorerTarget`)."""
+        return self.correspondence.on_scorer_scale(target, self.hparams.alpha)
 
     @property
     def _calibrating(self) -> bool:
@@ -358,45 +350,27 @@ class AdaCS(RegistrationModule):
         )
 
     def _calibrate(self, directions: list[Direction], targets: list[Tensor] | None, mask: Tensor | None) -> None:
-        """Observe the last warm-up-A epoch's targets and data terms; fix the levels (and robust scale) when scoring
-        starts; with ``scale_momentum`` > 0, keep moving the robust scale.
+        """Observe the last warm-up-A epoch's targets and data terms; fix the scale when scoring starts (setting κ
+        on the paper's scale); with ``scale_momentum`` > 0, keep moving the robust scale.
 
         Without a warm-up A (or when resuming past it unmeasured), the first scored micro-batch is the measurement.
         """
+        correspondence = self.correspondence
         if self.levels is None:
             return
         scoring = self.phase is not Phase.WARMUP_BACKBONE
-        tracking = self.robust is not None and self.robust.momentum > 0 and self.robust.measured
-        if self.levels.measured and not (tracking and scoring):
+        if correspondence.measured and not (correspondence.tracking and scoring):
             return
-        if self._calibrating or (scoring and self.levels.observed == 0) or tracking:
-            if not tracking:
-                data = mean_of(masked_mean(d.residual.detach(), mask) for d in directions)
-                repeated = None if mask is None else mask.repeat(len(targets), *[1] * (mask.ndim - 1))
-                self.levels.observe(torch.cat(targets, dim=0), data, repeated)
-            if self.robust is not None:
-                inside = [foreground(d.fixed, d.warped, mask) for d in directions]
-                self.robust.observe(torch.cat(targets, dim=0), torch.cat(inside, dim=0))
-        if scoring and not self.levels.measured:
-            reduce = lambda t: self.trainer.strategy.reduce(t, reduce_op="mean")  # noqa: E731
-            self.levels.fix(reduce)
-            if self.robust is not None:
-                self.robust.fix(reduce)
+        if self._calibrating or (scoring and self.levels.observed == 0) or correspondence.tracking:
+            data = mean_of(masked_mean(d.residual.detach(), mask) for d in directions)
+            correspondence.observe(targets, [d.warped for d in directions], [d.fixed for d in directions], mask, data)
+        if scoring and not correspondence.measured:
+            said = correspondence.fix(lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
             self.momentum.kappa.copy_(self._kappa_on_paper_scale / SQUARED_ERROR_KAPPA / self.levels.data)
-            rank_zero_info(self._calibration_message())
-
-    def _calibration_message(self) -> str:
-        kappa = f"the data term's level {float(self.levels.data):.4g}: κ = {float(self.momentum.kappa):.4g}"
-        if self.robust is None:
-            return (
-                f"Calibrated to the data: the scorer's target level {float(self.levels.scorer):.4g} (shown to it "
-                f"as {REFERENCE_LEVEL}), {kappa}."
+            rank_zero_info(
+                f"Calibrated to the data: {said}; the data term's level {float(self.levels.data):.4g}: "
+                f"κ = {float(self.momentum.kappa):.4g}."
             )
-        return (
-            f"Calibrated to the data ({self.robust.calibration}): the scorer's target has median "
-            f"{float(self.robust.median):.4g} and σ̂ {float(self.robust.sigma):.4g}; Ŝ* = 1 below "
-            f"{float(self.robust.threshold):.4g} and 0.5 at {float(self.robust.midpoint):.4g}; {kappa}."
-        )
 
     def _scoring_loss(self, terms: MicroBatch, m: Tensor, residuals: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """``L_se`` of one micro-batch (targets on the scorer's scale), averaged over directions, and its logs."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..correspondence import ROBUST_CALIBRATIONS, RobustScale, foreground, kept_mass, shift_min_residual
+from ..correspondence import ROBUST_CALIBRATIONS, RobustScale, ScorerTarget, kept_mass
 from ..errors import ConfigError
 from ..losses import DATA_WEIGHTINGS, closed_form_score, masked_mean
 from ..objective import Direction, mean_of
@@ -66,18 +66,12 @@ class ClosedFormRobust(RegistrationModule):
             raise ConfigError("scorer_target", f"must be 'residual' or 'shift_min', got {scorer_target!r}.")
         super().__init__(backbone, warmup_epochs=warmup_epochs, **settings)
         self.robust = RobustScale(calibration) if calibration in ROBUST_CALIBRATIONS else None
-
-    def target(self, fixed: Tensor, residual: Tensor, warped: Tensor | None, mask: Tensor | None = None) -> Tensor:
-        """What ``S*`` is computed from ``(B, 1, *spatial)``: the residual, or its shift-minimum (needs ``warped``)."""
-        if self.hparams.scorer_target == "residual":
-            return residual.detach()
-        if warped is None:
-            raise ValueError("scorer_target='shift_min' needs the warped source")
-        radius, patch = self.hparams.shift_radius, self.hparams.shift_patch
-        return shift_min_residual(self.similarity, warped.detach(), fixed, mask, radius, patch)
+        self.correspondence = ScorerTarget(self.similarity, scorer_target, shift_radius, shift_patch, robust=self.robust)
 
     def weight_map(self, fixed: Tensor, residual: Tensor, warped: Tensor | None = None) -> Tensor:
-        target = self.target(fixed, residual, warped)
+        if warped is None and self.hparams.scorer_target == "shift_min":
+            raise ValueError("scorer_target='shift_min' needs the warped source")
+        (target,) = self.correspondence.maps([warped], [fixed], [residual])
         if self.robust is not None:
             return self.robust.optimum(target)
         return closed_form_score(self.similarity.on_scorer_scale(target), self.hparams.alpha)
@@ -88,11 +82,11 @@ class ClosedFormRobust(RegistrationModule):
             return
         weighting = self.current_epoch >= self.hparams.warmup_epochs
         if self.current_epoch == self.hparams.warmup_epochs - 1 or (weighting and self.robust.observed == 0):
-            for d in directions:
-                target = self.target(d.fixed, d.residual, d.warped, mask)
-                self.robust.observe(target, foreground(d.fixed, d.warped, mask))
+            warped, fixed, residuals = ([d.warped for d in directions], [d.fixed for d in directions],
+                                        [d.residual for d in directions])  # fmt: skip
+            self.correspondence.observe(self.correspondence.maps(warped, fixed, residuals, mask), warped, fixed, mask)
         if weighting:
-            self.robust.fix(lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
+            self.correspondence.fix(lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
 
     def configure_optimizers(self):
         return self.backbone_optimizer()
