@@ -262,3 +262,25 @@ def test_validation_logs_where_the_score_falls_for_methods_with_a_map(strong_dat
     assert 0.0 <= logged[True]["val/auroc"] <= 1.0
     assert 0.0 <= logged[True]["val/score_nocorr"] <= 1.0 and 0.0 <= logged[True]["val/score_corr"] <= 1.0
     assert not any(k in logged[False] for k in ("val/auroc", "val/score_nocorr"))  # Ŝ ≡ 1: nothing to localise
+
+
+def _shift_min_one_by_one(similarity, warped, fixed, mask, radius, patch):
+    """The definition: each shift padded on its own (:func:`shifted`), pooled on its own, folded by a minimum."""
+    best = None
+    for offset in integer_shifts(warped.ndim - 2, radius):
+        candidate = patch_mean(similarity(shifted(warped, offset), fixed, mask), patch)
+        best = candidate if best is None else torch.minimum(best, candidate)
+    return best
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("radius, patch", [(1, 1), (1, 3), (2, 1), (2, 3)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_fast_shift_min_equals_its_definition(spatial_dims, radius, patch, masked):
+    torch.manual_seed(spatial_dims + radius + patch)
+    shape = (2, 1) + (10,) * spatial_dims
+    warped, fixed = torch.rand(shape), torch.rand(shape)
+    mask = (torch.rand(shape) > 0.3).float() if masked else None
+    for similarity in (SquaredError(), LocalNCC(spatial_dims=spatial_dims)):
+        fast = shift_min_residual(similarity, warped, fixed, mask, radius, patch)
+        torch.testing.assert_close(fast, _shift_min_one_by_one(similarity, warped, fixed, mask, radius, patch))

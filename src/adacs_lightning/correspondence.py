@@ -80,6 +80,10 @@ def patch_mean(residual: Tensor, patch: int) -> Tensor:
     return pool(residual, kernel_size=patch, stride=1, padding=patch // 2, count_include_pad=False)
 
 
+#: Shifted candidates pooled in one call: bounds the memory of a 3D shift search (125 shifts at radius 2).
+SHIFTS_PER_POOL = 25
+
+
 @torch.no_grad()
 def shift_min_residual(
     similarity: Similarity,
@@ -100,13 +104,26 @@ def shift_min_residual(
             lets a shift match by chance.
 
     Returns ``(B, 1, *spatial)`` in ``r``'s units, no gradient; never above ``patch_mean(r)`` at δ = 0.
+    The source is padded once (border replicated) and each shift is a view of it; the candidates'
+    patch means are pooled :data:`SHIFTS_PER_POOL` at a time and folded into a running minimum.
+    Equal to :func:`shifted` per shift, one pooling each (tests/test_correspondence.py).
     """
     if radius < 0 or patch < 1:
         raise ValueError(f"radius must be ≥ 0 and patch ≥ 1, got {radius} and {patch}")
+    ndim, spatial = warped.ndim - 2, warped.shape[2:]
+    padded = F.pad(warped, [radius] * (2 * ndim), mode="replicate") if radius else warped
     best: Tensor | None = None
-    for offset in integer_shifts(warped.ndim - 2, radius):
-        candidate = patch_mean(similarity(shifted(warped, offset), fixed, mask), patch)
-        best = candidate if best is None else torch.minimum(best, candidate)
+    offsets = integer_shifts(ndim, radius)
+    for start in range(0, len(offsets), SHIFTS_PER_POOL):
+        group = offsets[start : start + SHIFTS_PER_POOL]
+        candidates = []
+        for offset in group:
+            window = (slice(None), slice(None)) + tuple(
+                slice(radius + o, radius + o + n) for o, n in zip(offset, spatial)
+            )
+            candidates.append(similarity(padded[window], fixed, mask))
+        pooled = patch_mean(torch.cat(candidates, dim=0), patch).unflatten(0, (len(group), -1)).amin(dim=0)
+        best = pooled if best is None else torch.minimum(best, pooled, out=best)
     return best
 
 
