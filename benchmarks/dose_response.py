@@ -99,8 +99,9 @@ ARMS: dict[str, dict] = {
     "dead_zone_pair": dict(SHIFT_MIN, calibration="dead_zone", scorer_input="pair"),
     "dead_zone_keep": dict(SHIFT_MIN, calibration="dead_zone", keep_inliers=True),
     "dead_zone_pair_keep": dict(SHIFT_MIN, calibration="dead_zone", scorer_input="pair", keep_inliers=True),
-    "robust_dead_zone": dict(method="robust", data_weighting="normalised", calibration="dead_zone",
-                             scorer_target="shift_min"),  # fmt: skip
+    "robust_dead_zone": dict(
+        method="robust", data_weighting="normalised", calibration="dead_zone", scorer_target="shift_min"
+    ),  # fmt: skip
 }
 LABELS = {
     "adacs": "AdaCS (normalised; fixed constants)",
@@ -459,9 +460,7 @@ def runs_on_disk(out: Path, doses, arms, seeds) -> tuple[dict, dict]:
     grids, complete = {}, {}
     for dose in doses:
         for arm in arms:
-            tried = sorted(
-                {lam for lam in LAMBDAS for s in seeds if run_path(out, dose, arm, lam, s).exists()}
-            )
+            tried = sorted({lam for lam in LAMBDAS for s in seeds if run_path(out, dose, arm, lam, s).exists()})
             have = [s for s in seeds if tried and all(run_path(out, dose, arm, lam, s).exists() for lam in tried)]
             if have:
                 grids[(dose, arm)], complete[(dose, arm)] = tried, have

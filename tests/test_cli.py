@@ -160,9 +160,8 @@ def test_multirun_survives_a_failed_job(tmp_path):
 
 
 def test_every_subpackage_and_config_file_is_installed():
-    """The explicit package list and package data of pyproject.toml cover the source tree and conf/."""
-    import fnmatch
-
+    """The explicit package list and package data of pyproject.toml cover the source tree and every conf/ folder
+    (each folder of configs a package of its own, so that setuptools ships it without a warning)."""
     tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
 
     root = Path(__file__).parents[1]
@@ -171,14 +170,55 @@ def test_every_subpackage_and_config_file_is_installed():
     source = root / "src"
     packages = {".".join(p.parent.relative_to(source).parts) for p in source.rglob("__init__.py")}
     assert packages <= listed, f"not installed: {sorted(packages - listed)}"
-    patterns = project["tool"]["setuptools"]["package-data"]["adacs_lightning.conf"]
-    configs = [str(p.relative_to(root / "conf")) for p in (root / "conf").rglob("*.yaml")]
-    missing = [
-        c
-        for c in configs
-        if not any(fnmatch.fnmatch(c, pattern) and c.count("/") == pattern.count("/") for pattern in patterns)
-    ]
-    assert not missing, f"config files not shipped: {missing}"
+    data = project["tool"]["setuptools"]["package-data"]
+    folders = {p.parent.relative_to(root / "conf").parts for p in (root / "conf").rglob("*.yaml")}
+    config_packages = {".".join(("adacs_lightning", "conf", *parts)) for parts in folders}
+    assert config_packages <= listed, f"config folders not installed: {sorted(config_packages - listed)}"
+    assert all(data.get(name) == ["*.yaml"] for name in config_packages), "a config folder ships without its YAML"
+
+
+@pytest.mark.slow
+def test_the_built_wheel_installs_and_trains(tmp_path):
+    """``pip wheel .`` builds without a warning of its own; installed (not editable) in a fresh environment, the
+    wheel composes ``adacs-train --cfg job`` and trains a tiny run from its own config tree."""
+    import subprocess
+    import sysconfig
+    import venv
+
+    root = Path(__file__).parents[1]
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-v", "-w", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    output = build.stdout + build.stderr
+    warnings = [line for line in output.splitlines() if "warning" in line.lower() and "byte-compil" not in line]
+    assert not any("absent from the" in w or "deprecated" in w.lower() for w in warnings), warnings
+    (wheel,) = tmp_path.glob("adacs_lightning-*.whl")
+    env_dir = tmp_path / "env"
+    venv.create(env_dir, with_pip=False)
+    env_python = env_dir / "bin" / "python"
+    # The dependencies come from the test's own environment; the package itself only from the wheel.
+    site = subprocess.run([str(env_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", site, str(wheel)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    train = [str(env_python), "-m", "adacs_lightning.cli.train"]
+    where = subprocess.run([str(env_python), "-c", "import adacs_lightning; print(adacs_lightning.__file__)"],
+                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout  # fmt: skip
+    assert where.startswith(site), where
+    job = subprocess.run([*train, "--cfg", "job"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert job.returncode == 0 and "_target_: adacs_lightning.AdaCS" in job.stdout, job.stderr[-3000:]
+    run = subprocess.run(
+        [*train, "debug=tiny", f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=600,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.parametrize("tool", ["train", "register", "evaluate", "export"])

@@ -84,6 +84,19 @@ def test_folder_csv_takes_a_nocorr_column(tmp_path):
     assert all(i["nocorr"].shape == i["target"].shape for i in items)
 
 
+def test_a_nocorr_column_that_names_an_image_is_refused(tmp_path):
+    """A float image where a mask belongs (the target itself, say) ends the case with one paragraph naming the file."""
+    from adacs_lightning.data.bad_cases import DataError
+    from adacs_lightning.data.transforms import check_values
+
+    image = np.random.default_rng(0).random((16, 12)).astype(np.float32)
+    with pytest.raises(DataError, match="not a mask of the voxels without correspondence") as caught:
+        check_values(image, tmp_path / "target.nii.gz", "region")
+    assert "target.nii.gz" in str(caught.value)
+    for usable in (np.zeros((4, 4)), np.eye(4), 255 * np.eye(4, dtype=np.uint8)):
+        check_values(usable, "mask.nii.gz", "region")
+
+
 # ---------------------------------------------------------------------------- the metrics
 def test_localisation_metrics_on_hand_made_maps():
     nocorr = torch.zeros(1, 1, 8, 8)

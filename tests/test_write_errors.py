@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -152,3 +153,17 @@ def test_a_full_disk_in_a_console_tool_is_one_paragraph(capsys):
         console_main("adacs-register", run, [])
     assert exit_.value.code == 2
     _one_paragraph(capsys.readouterr().err, "Could not write /out/registered/warped.nii.gz (No space left on device)")
+
+
+def test_a_checkpoint_write_that_fills_the_disk_says_so(tmp_path, monkeypatch):
+    """PyTorch's writer hides ENOSPC behind its own words: the folder's free space names the cause."""
+
+    def save(obj, handle, *args, **kwargs):
+        handle.write(b"x" * 4096)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1014016 vs 1013904")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", save)
+    monkeypatch.setattr(checkpoint_io.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**9, 10**9, 512))
+    with pytest.raises(checkpoint_io.CheckpointWriteError, match="No space left on the device holding") as caught:
+        checkpoint_io.AtomicCheckpointIO().save_checkpoint({"a": 1}, tmp_path / "last.ckpt")
+    assert str(tmp_path) in str(caught.value) and not list(tmp_path.glob(".*.partial"))

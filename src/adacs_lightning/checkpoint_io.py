@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +62,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(handle.fileno())
             os.replace(partial, path)
         except (OSError, RuntimeError) as error:  # torch's writer reports a full disk as a RuntimeError
+            written = partial.stat().st_size if partial.exists() else 0
             partial.unlink(missing_ok=True)
             if isinstance(error, RuntimeError) and not _is_write_failure(error):
                 raise
-            reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+            reason = (
+                _full_disk(path.parent, error, written)
+                or getattr(error, "strerror", None)
+                or str(error).splitlines()[0]
+            )
             kept = " The previous checkpoint of that name is intact." if path.is_file() else ""
             raise CheckpointWriteError(
                 f"Could not write the checkpoint {path} ({reason}).{kept} Free disk space (or "
                 f"choose a writable folder), then resume from the last complete checkpoint with ckpt_path=."
             ) from error
+
+
+def _full_disk(folder: Path, error: BaseException, written: int) -> str | None:
+    """ "No space left on the device holding …" when that is why a write failed, else None.
+
+    PyTorch's writer hides ENOSPC behind its own message, so the folder's free space is read after the
+    failure: less than what the failed write had put down (at least 1 MiB) counts as full.
+    """
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if getattr(error, "errno", None) != errno.ENOSPC and free >= max(written, 1 << 20):
+        return None
+    return f"No space left on the device holding {folder}: {free / 2**20:.1f} MiB free"

@@ -298,7 +298,9 @@ class RobustScale(nn.Module):
 
     def optimum(self, target: Tensor) -> Tensor:
         """Ŝ* ``(same shape)``: the scorer's per-voxel optimum at this scale, ``clip(1 − (t − τ)₊/(2(h − τ)), 0, 1)``."""
-        return (1.0 - (target - self.threshold).clamp_min(0.0) / (2.0 * (self.midpoint - self.threshold))).clamp(0.0, 1.0)
+        return (1.0 - (target - self.threshold).clamp_min(0.0) / (2.0 * (self.midpoint - self.threshold))).clamp(
+            0.0, 1.0
+        )
 
     def inliers(self, target: Tensor) -> Tensor:
         """``(same shape)`` bool: the voxels whose target lies within the dead zone (``t ≤ τ``; none for Tukey)."""

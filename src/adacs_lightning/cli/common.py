@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import sys
 import traceback
@@ -11,6 +12,17 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import AdaCSError
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type`` for float flags: a finite number (``nan``, ``inf`` are refused with the flag named)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from ..choices import REFINE_WEIGHTS
 from ..configs import run_folders_in
 from ..errors import AdaCSError, check_writable
-from .common import HelpFormatter, console_main
+from .common import HelpFormatter, console_main, finite_float
 
 log = logging.getLogger("adacs_lightning")
 
@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--refine-weights", choices=REFINE_WEIGHTS, default=None, help="score (AdaCS runs' default) or none"
     )
-    parser.add_argument("--refine-lr", type=float, default=None, help="refinement's learning rate, voxels per step")
+    parser.add_argument(
+        "--refine-lr", type=finite_float, default=None, help="refinement's learning rate, voxels per step"
+    )
     parser.add_argument("--refine-grid", type=int, default=None, help="refinement's control-point spacing, voxels")
     parser.add_argument(
         "--reference",

@@ -26,7 +26,7 @@ from typing import Any
 from ..choices import INTENSITY_MODES, REFINE_WEIGHTS
 from ..configs import RUN_CONFIG, run_folder, run_setting
 from ..errors import AdaCSError, check_writable
-from .common import HelpFormatter, console_main
+from .common import HelpFormatter, console_main, finite_float
 
 GRID_CHOICES = ("refuse", "resample")
 #: Metrics of the network alone that metrics.csv keeps beside the refined ones (network_<name>).
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="Adam steps on each pair's displacement (0: the network alone)",
     )
-    refine.add_argument("--refine-lr", type=float, default=0.1, help="Adam's learning rate, voxels per step")
+    refine.add_argument("--refine-lr", type=finite_float, default=0.1, help="Adam's learning rate, voxels per step")
     refine.add_argument(
         "--refine-weights",
         choices=REFINE_WEIGHTS,

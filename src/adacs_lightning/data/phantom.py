@@ -388,8 +388,10 @@ def make_pair(shape: tuple[int, ...], nuisance: Nuisances, gen: torch.Generator)
     warp_image = warp_block("bilinear", "border")
     warp_label = warp_block("nearest", "border")
     # The target's heart: the same (a cardiac pair), or another subject's, before the motion.
-    es_image, es_label = (ed_image, ed_label) if nuisance.other_subject == 0 else render(
-        another_subject(heart, nuisance.other_subject, gen)
+    es_image, es_label = (
+        (ed_image, ed_label)
+        if nuisance.other_subject == 0
+        else render(another_subject(heart, nuisance.other_subject, gen))
     )
     es_image = warp_image(es_image[None], ddf[None])[0]
     es_label = warp_label(es_label[None].float(), ddf[None])[0].round().long()

@@ -309,7 +309,17 @@ def check_values(image: Any, path: str | Path, kind: str) -> Any:
             path, f"is constant (every voxel is {float(values.flatten()[0]):g}): there is nothing to register.",
             "Check that it is the right file, or remove the case.",
         )  # fmt: skip
-    if kind in ("image", "region"):
+    if kind == "image":
+        return image
+    if kind == "region":
+        distinct = torch.unique(values)
+        if distinct.numel() > 2 or float(distinct.min()) < 0 or (distinct.numel() == 2 and float(distinct[0]) != 0):
+            raise DataError(
+                path,
+                f"is not a mask of the voxels without correspondence: it has {distinct.numel()} distinct values "
+                f"(e.g. {float(distinct[distinct.numel() // 2]):g}), a mask has 0 and one other.",
+                "target_nocorr names a binary mask (1 where the target has no counterpart), not an image.",
+            )
         return image
     if not bool(values.any()):
         what = "a label map with no label" if kind == "label" else "an empty mask"

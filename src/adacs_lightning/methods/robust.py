@@ -66,7 +66,9 @@ class ClosedFormRobust(RegistrationModule):
             raise ConfigError("scorer_target", f"must be 'residual' or 'shift_min', got {scorer_target!r}.")
         super().__init__(backbone, warmup_epochs=warmup_epochs, **settings)
         self.robust = RobustScale(calibration) if calibration in ROBUST_CALIBRATIONS else None
-        self.correspondence = ScorerTarget(self.similarity, scorer_target, shift_radius, shift_patch, robust=self.robust)
+        self.correspondence = ScorerTarget(
+            self.similarity, scorer_target, shift_radius, shift_patch, robust=self.robust
+        )
 
     def weight_map(self, fixed: Tensor, residual: Tensor, warped: Tensor | None = None) -> Tensor:
         if warped is None and self.hparams.scorer_target == "shift_min":

@@ -102,7 +102,9 @@ def check_robust_settings(calibration, tukey_c, dead_zone, scale_momentum, keep_
         raise ConfigError("scale_momentum", f"must lie in [0, 1), got {scale_momentum}.", "0 fixes the scale.")
     if keep_inliers and calibration != "dead_zone":
         raise ConfigError(
-            "keep_inliers", f"needs a dead zone to keep, but calibration is {calibration!r}.", "Use calibration=dead_zone."
+            "keep_inliers",
+            f"needs a dead zone to keep, but calibration is {calibration!r}.",
+            "Use calibration=dead_zone.",
         )
     if scorer_input not in SCORER_INPUTS:
         raise ConfigError(
