@@ -230,3 +230,18 @@ def test_console_tools_start_without_loading_pytorch(tool):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_help_names_the_tool_and_lists_the_groups_without_internal_fragments(capsys, monkeypatch):
+    from adacs_lightning.cli import train as train_cli
+    from adacs_lightning.cli.groups import GROUPS
+
+    monkeypatch.setattr(sys, "argv", ["adacs-train", "--help"])
+    train_cli.main()
+    text = capsys.readouterr().out
+    assert text.startswith("usage: adacs-train") and "powered by Hydra" not in text
+    assert "common" not in text  # data/common, method/common are fragments, not groups
+    for group, description, default, _ in GROUPS:
+        assert f"  {group} " in text and description in text
+        assert default is None or f"{default}*" in text
+    assert {g for g, *_ in GROUPS} == default_groups()
