@@ -390,3 +390,12 @@ def test_a_two_value_sweep_is_compared_by_what_differs(tmp_path):
     )
     tests = [r for r in read_csv(reverse["paired_tests"]) if r["metric"] == "dice"]
     assert [(t["method"], t["reference"]) for t in tests] == [("adacs method.alpha=0.01", "adacs method.alpha=0.04")]
+
+
+def test_the_default_reference_is_the_baseline_whatever_its_label_carries():
+    from adacs_lightning.evaluation.report import _comparisons
+
+    groups = [("voxelmorph", "adacs method.lam=0.002"), ("voxelmorph", "baseline method.lam=0.01")]
+    assert _comparisons(groups) == [(groups[1], groups[0])]
+    without = [("voxelmorph", "adacs"), ("voxelmorph", "robust")]
+    assert _comparisons(without) == [(without[0], without[1])]  # no baseline: the first run

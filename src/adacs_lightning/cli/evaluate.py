@@ -2,7 +2,7 @@
 
 Examples::
 
-    adacs-eval outputs/2026-01-01/12-00-00                      # one run: its best checkpoint, its data
+    adacs-eval outputs/2026-01-01/12-00-00                      # one run: the checkpoint it selected, its data
     adacs-eval runs/baseline runs/adacs --output comparison     # paired comparison of two runs
     adacs-eval multirun/2026-01-01/12-00-00/*                    # every run of a sweep
     adacs-eval checkpoints/best.ckpt --data synthetic data.test_pairs=64
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
             "more runs, compare them case by case with a paired t-test and a Wilcoxon signed-rank test."
         ),
         epilog=(
-            "Each RUN is a run folder of adacs-train (its best checkpoint and its data config are used) or a "
+            "Each RUN is a run folder of adacs-train (the checkpoint it selected, final_checkpoint, and its data config are used) or a "
             "checkpoint file (.ckpt or backbone.pt). Data overrides use Hydra's syntax: data=NAME picks "
             "conf/data/NAME.yaml, data.KEY=VALUE changes one setting (e.g. data.test_pairs=64). Writes cases.csv, "
             "summary.csv/.md and, for several runs, comparison.csv/.md and paired_tests.csv."

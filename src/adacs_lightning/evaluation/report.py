@@ -293,7 +293,8 @@ def _comparisons(
     """Which groups (backbone, method label) are tested against which.
 
     With ``reference`` (a method label, or ``backbone/label``), every group against that one;
-    otherwise, within each backbone, every method against ``baseline`` (or the first method).
+    otherwise, within each backbone, every method against the baseline's run (its label's first word is
+    ``baseline``, whatever overrides follow) or, without one, the first run; each test names its reference.
     """
     if reference is not None:
         matches = [g for g in groups if reference in (g[1], f"{g[0]}/{g[1]}")]
@@ -310,8 +311,9 @@ def _comparisons(
         by_backbone[group[0]].append(group)
     pairs = []
     for members in by_backbone.values():
-        methods = [g[1] for g in members]
-        anchor = members[methods.index("baseline")] if "baseline" in methods else members[0]
+        # The baseline's run, whatever overrides its label carries after the method ("baseline method.lam=0.01").
+        baselines = [g for g in members if g[1].split()[0] == "baseline"]
+        anchor = baselines[0] if baselines else members[0]
         pairs += [(anchor, g) for g in members if g != anchor]
     if not pairs and len(groups) > 1:
         pairs = [(groups[0], g) for g in groups[1:]]
