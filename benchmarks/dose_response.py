@@ -85,6 +85,10 @@ DOSES: dict[str, dict] = {
         other_subject=1.0,
     ),
 }
+# The clean MRI-like pairs registered with local NCC, the similarity inter-subject MRI users pick.
+DOSES["mri_clean_lncc"] = dict(DOSES["mri_clean"], similarity="lncc")
+#: Keys of a dose that set the method (every arm alike), not the data.
+METHOD_KEYS = ("similarity",)
 ECHO = dict(shadow_frames="target")
 
 #: Arms: the method's keywords (``scoring=False`` is the baseline; ``method="robust"`` the closed-form control).
@@ -130,18 +134,20 @@ def budget(tiny: bool, epochs: int = 30) -> dict:
 
 
 def datamodule(dose: str, seed: int, b: dict) -> SyntheticDataModule:
-    nuisance = Nuisances(**{**ECHO, **DOSES[dose]}) if dose != "mri_clean" else Nuisances(**DOSES[dose])
+    physics = {k: v for k, v in DOSES[dose].items() if k not in METHOD_KEYS}
+    echo = physics.get("noise", "speckle") == "speckle"  # target-only shadows on the echo-like pairs
+    nuisance = Nuisances(**({**ECHO, **physics} if echo else physics))
     return SyntheticDataModule(
         image_size=b["size"], train_pairs=b["train"], val_pairs=b["val"], test_pairs=b["test"],
         batch_size=b["batch"], seed=seed, nuisance=nuisance,
     )  # fmt: skip
 
 
-def build(arm: str, lam: float, b: dict) -> AdaCS | ClosedFormRobust:
+def build(arm: str, lam: float, b: dict, dose: str = "none") -> AdaCS | ClosedFormRobust:
     narrow = (
         {} if b["channels"] is None else dict(channels=b["channels"], unet_out_channels=8, final_conv_channels=(8,))
     )
-    settings = dict(ARMS[arm])
+    settings = {**ARMS[arm], **{k: v for k, v in DOSES[dose].items() if k in METHOD_KEYS}}
     method = ClosedFormRobust if settings.pop("method", "adacs") == "robust" else AdaCS
     return method(voxelmorph(**narrow), lam=lam, lr=1e-3, warmup_epochs=b["warmup"], **settings)
 
@@ -196,7 +202,7 @@ def run_one(out: Path, dose: str, arm: str, lam: float, seed: int, b: dict) -> d
     torch.set_float32_matmul_precision("high")
     L.seed_everything(seed, verbose=False)
     data = datamodule(dose, seed, b)
-    model = build(arm, lam, b)
+    model = build(arm, lam, b, dose)
     idle = model.backbone_idle_epochs
     trainer = L.Trainer(
         max_epochs=b["epochs"] + idle, accelerator=b.get("accelerator", "cpu"), devices=1, logger=False, enable_checkpointing=False,
