@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import numpy as np
 import pytest
@@ -260,8 +262,12 @@ def test_adacs_eval_reports_where_the_score_falls(tmp_path):
     assert any(np.isfinite(c["auroc"]) for c in adacs)
     assert all(0.0 <= c["auroc"] <= 1.0 for c in adacs if np.isfinite(c["auroc"]))
     assert not any(np.isfinite(c["auroc"]) for c in baseline)
+    # The share of the data term the score leaves, for every case of the run with a map.
+    assert all(0.0 < c["kept_mass"] <= 1.0 and 0.0 <= c["score_mean"] <= 1.0 for c in adacs)
+    assert not any(np.isfinite(c.get("kept_mass", math.nan)) for c in baseline)
     markdown = (out / "comparison.md").read_text()
     assert "## Where correspondence is lost" in markdown and "AUROC of 1 − Ŝ" in markdown
+    assert "kept mass" in markdown
 
 
 def test_validation_logs_where_the_score_falls_for_methods_with_a_map(strong_data):

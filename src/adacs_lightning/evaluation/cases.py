@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..correspondence import kept_mass
+from ..losses import masked_mean
 from ..metrics import dice_near_and_away, dice_per_label, folding_percentage, localisation, surface_distances_per_label
 from ..warping import warp_block
 
@@ -19,6 +21,8 @@ Tensor = torch.Tensor
 METRICS = {"dice": "higher", "hd95": "lower", "hd": "lower", "asd": "lower", "folding_pct": "lower", "time_ms": "lower"}
 #: Per-case metrics of pairs with a no-correspondence mask (``nocorr``); the scores' only with a weight map.
 MECHANISM = {
+    "kept_mass": "higher",
+    "score_mean": "higher",
     "auroc": "higher",
     "score_nocorr": "lower",
     "score_corr": "higher",
@@ -145,24 +149,34 @@ class CaseEvaluator:
                 objective_after=record["objective_after"],
                 refine_steps=record["steps"],
             )
+        weight, residual, mask = self._weight_map(pair, ddf)
+        if weight is not None:
+            row["score_mean"] = float(masked_mean(weight, mask))
+            row["kept_mass"] = float(kept_mass(weight, residual, mask))
         if pair.get("nocorr") is not None:
-            row.update(self._mechanism(pair, ddf))
+            row.update(self._mechanism(pair, ddf, weight, mask))
         return row
 
-    def _mechanism(self, pair: Mapping[str, Any], ddf: Tensor) -> dict[str, float]:
+    def _weight_map(self, pair: Mapping[str, Any], ddf: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(weight, residual, mask)`` of the registered pair: the method's map (Ŝ for AdaCS) and the residual it
+        weights ``(1, 1, *spatial)``, and the pair's mask; the first two None without a map."""
+        mask = pair.get("mask")
+        mask = None if mask is None else mask.to(self.device)
+        if self.weighting is None or not hasattr(self.weighting, "weight_map"):
+            return None, None, mask
+        source, target = pair["source"].to(self.device), pair["target"].to(self.device)
+        warped = self.weighting.warp(source, ddf)
+        residual = self.weighting.similarity(warped, target, mask)
+        return self.weighting.weight_map(target, residual, warped), residual, mask
+
+    def _mechanism(
+        self, pair: Mapping[str, Any], ddf: Tensor, weight: Tensor | None, mask: Tensor | None
+    ) -> dict[str, float]:
         """Dice near and away from the pair's no-correspondence mask; with a weight map, how well it finds the mask."""
         nocorr = pair["nocorr"].float()
         warped = warp_block("nearest", "border")(pair["source_label"].float(), ddf.float().cpu()).round().long()
         near, away = dice_near_and_away(warped, pair["target_label"].long(), nocorr, self.labels)
         row = {"dice_near": float(near[0]), "dice_away": float(away[0])}
-        if self.weighting is None or not hasattr(self.weighting, "weight_map"):
-            return row
-        source, target = pair["source"].to(self.device), pair["target"].to(self.device)
-        mask = pair.get("mask")
-        mask = None if mask is None else mask.to(self.device)
-        warped = self.weighting.warp(source, ddf)
-        residual = self.weighting.similarity(warped, target, mask)
-        weight = self.weighting.weight_map(target, residual, warped)
         if weight is not None:
             row.update({k: float(v[0]) for k, v in localisation(weight, nocorr.to(self.device), mask).items()})
         return row

@@ -336,6 +336,8 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
 
 #: Columns of the mechanism table: (heading, scale).
 MECHANISM_COLUMNS = {
+    "kept_mass": ("kept mass Σ Ŝr/Σ r", 1.0),
+    "score_mean": ("mean Ŝ", 1.0),
     "auroc": ("AUROC of 1 − Ŝ ↑", 1.0),
     "score_nocorr": ("Ŝ where no correspondence", 1.0),
     "score_corr": ("Ŝ elsewhere", 1.0),
