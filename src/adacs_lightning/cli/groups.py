@@ -4,7 +4,7 @@
 GROUPS: tuple[tuple[str, str, str | None, tuple[str, ...]], ...] = (
     ('backbone', 'The registration network being trained.', 'voxelmorph', ('voxelmorph', 'custom', 'diffusemorph', 'globalnet', 'lapirn', 'localnet', 'regunet', 'transmorph')),
     ('data', 'The image pairs: the embedded synthetic set, a public release on disk, or your own files.', 'synthetic', ('synthetic', 'acdc', 'camus', 'folder', 'oasis')),
-    ('method', 'How the data term is weighted: AdaCS, the plain baseline, its controls, or a predicted-variance likelihood.', 'adacs', ('adacs', 'adacs_calibrated', 'adacs_mean', 'adacs_normalised', 'adacs_scalar', 'adacs_shift_min', 'baseline', 'beta_nll', 'nll', 'robust')),
+    ('method', 'How the data term is weighted: AdaCS, the plain baseline, its controls, or a predicted-variance likelihood.', 'adacs', ('adacs', 'adacs_calibrated', 'adacs_dead_zone', 'adacs_mean', 'adacs_normalised', 'adacs_pair', 'adacs_scalar', 'adacs_shift_min', 'adacs_tukey', 'baseline', 'beta_nll', 'nll', 'robust')),
     ('similarity', 'The per-voxel dissimilarity every method weights: squared error, local NCC or mutual information.', 'mse', ('mse', 'lncc', 'mi')),
     ('scorer', "AdaCS's scoring network: the reference's VoxelMorph U-Net or a lighter MONAI U-Net.", 'unet', ('unet', 'voxelmorph')),
     ('trainer', 'Where and how it runs: CPU, one GPU, DDP over GPUs or nodes.', 'default', ('default', 'cpu', 'ddp', 'ddp_cpu', 'ddp_multinode', 'gpu')),
