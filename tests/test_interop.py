@@ -198,6 +198,10 @@ def test_a_whole_folder_in_one_process_with_metrics_and_a_skipped_row(tmp_path):
         metrics = list(csv.DictReader(handle))
     assert [m["case"] for m in metrics] == [f"row{i:04d}" for i in range(1, 6)]
     assert all(0.0 <= float(m["dice"]) <= 1.0 and float(m["folding_pct"]) >= 0 for m in metrics)
+    with reports["quality"].open() as handle:  # every registered pair, with its flag, labels or not
+        quality = list(csv.DictReader(handle))
+    assert [q["case"] for q in quality] == [f"row{i:04d}" for i in range(1, 6)]
+    assert all(q["flag"] in ("ok", "review") and float(q["residual_after"]) >= 0 for q in quality)
     with reports["failed"].open() as handle:
         failed = list(csv.DictReader(handle))
     assert [f["case"] for f in failed] == ["row0006", "row0007"] and "missing" in failed[0]["problem"]

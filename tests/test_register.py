@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import nibabel as nib
 import numpy as np
@@ -192,3 +193,58 @@ def test_training_intensity_falls_back_to_the_data_module_default(tmp_path):
     synthetic = _run_folder(tmp_path / "synthetic", {"_target_": "adacs_lightning.data.SyntheticDataModule"})
     assert register_cli.training_intensity(synthetic) is None  # generated in [0, 1]: min-max is used
     assert register_cli.training_intensity(tmp_path / "model.ckpt") is None
+
+
+def test_registration_writes_maps_on_the_target_grid_and_quality_figures(pair, tmp_path):
+    """An AdaCS run folder: det J, residual and score maps over the target (SimpleITK reads its grid), the
+    Jacobian map equal to metrics.jacobian_determinant of the field, and the flag in registration.json."""
+    from adacs_lightning.evaluation.quality import FLAG_RULE
+    from adacs_lightning.metrics import jacobian_determinant
+
+    from .helpers.runs import make_run_folder
+
+    run = make_run_folder(tmp_path / "run", method="adacs")
+    source, target = pair
+    files = register_cli.run(
+        ["--model", str(run), "--source", str(source), "--target", str(target), "--out", str(tmp_path / "out")]
+        + ["--device", "cpu", "--maps", "score,residual,jacobian"]
+    )
+    reference = sitk.ReadImage(str(target))
+    for name in ("jacobian_determinant", "residual", "score"):
+        image = sitk.ReadImage(str(files[name]))
+        assert image.GetSize() == reference.GetSize(), name
+        np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-5)
+        np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-5)
+    ddf = torch.from_numpy(read_voxel_displacement(files["displacement_voxels"]))
+    jacobian = np.asarray(nib.load(str(files["jacobian_determinant"])).dataobj)
+    np.testing.assert_allclose(jacobian, jacobian_determinant(ddf[None])[0].numpy(), rtol=1e-5, atol=1e-5)
+    score = np.asarray(nib.load(str(files["score"])).dataobj)
+    assert score.min() >= 0 and score.max() <= 1
+    quality = json.loads(files["record"].read_text())["quality"]
+    assert quality["flag"] in ("ok", "review") and 0 <= quality["score_low_share"] <= 1
+    assert quality["det_jacobian_min"] <= quality["det_jacobian_p1"]
+    assert (quality["flag"] == "review") == bool(quality["flag_reasons"])
+    assert all(reason in {r for _, r in FLAG_RULE.values()} for reason in quality["flag_reasons"].split("; ") if reason)
+
+
+def test_maps_default_to_the_jacobian_and_refuse_a_score_without_a_scorer(checkpoint, pair, tmp_path):
+    source, target = pair
+    args = ["--model", str(checkpoint), "--source", str(source), "--target", str(target), "--device", "cpu"]
+    files = register_cli.run([*args, "--out", str(tmp_path / "auto")])
+    assert "jacobian_determinant" in files and "score" not in files  # a checkpoint alone: no scorer to read
+    with pytest.raises(AdaCSError, match="--maps score needs a run folder"):
+        register_cli.run([*args, "--out", str(tmp_path / "score"), "--maps", "score"])
+    with pytest.raises(AdaCSError, match="unknown map 'edges'"):
+        register_cli.run([*args, "--out", str(tmp_path / "bad"), "--maps", "edges"])
+
+
+def test_the_quality_flag_rule():
+    from adacs_lightning.evaluation.quality import flag_reasons
+
+    good = dict(folding_pct=0.0, det_jacobian_p1=0.8, residual_before=0.02, residual_after=0.01, score_low_share=0.05)
+    assert flag_reasons(good) == []
+    assert len(flag_reasons({**good, "folding_pct": 0.5})) == 1
+    assert len(flag_reasons({**good, "det_jacobian_p1": 0.1, "residual_after": 0.03})) == 2
+    assert len(flag_reasons({**good, "score_low_share": 0.4})) == 1
+    assert flag_reasons({k: v for k, v in good.items() if k != "score_low_share"}) == []  # no scorer, no score rule

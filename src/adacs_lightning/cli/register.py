@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-scale", action="store_true", help="feed intensities as they are (no scaling)")
     parser.add_argument("--no-inverse", action="store_true", help="do not compute the inverse displacement")
+    parser.add_argument(
+        "--maps",
+        default="auto",
+        help="maps to write on the target's grid, comma-separated from score (Ŝ of the run's scorer), residual "
+        "(after registration) and jacobian (det J of the field); 'none' for none. auto: jacobian, and score "
+        "for a run with a scorer",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     refine = parser.add_argument_group("refinement (per-pair optimisation after the network; needs the run folder)")
     refine.add_argument(
@@ -129,6 +136,8 @@ class Options:
     device: Any
     args: argparse.Namespace
     refiner: Any = None
+    method: Any = None  # the run's method, for its score map (a run folder with a scorer)
+    maps: tuple[str, ...] = ()
 
 
 def run(argv: list[str] | None = None) -> dict[str, Path]:
@@ -144,8 +153,11 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
     backbone = load_backbone(checkpoint, map_location="cpu")
     scale = None if args.no_scale else args.intensity or training_intensity(args.model) or "minmax"
     device = resolve_device(args.device)
-    refiner = build_refiner(args.model, checkpoint, args, device) if args.refine > 0 else None
-    options = Options(backbone, checkpoint, scale, device, args, refiner)
+    wants_method = args.refine > 0 or args.maps == "auto" or "score" in args.maps
+    method = load_run_method(args.model, checkpoint, device) if wants_method else None
+    maps = _chosen_maps(args.maps, method)
+    refiner = build_refiner(args.model, method, args, device) if args.refine > 0 else None
+    options = Options(backbone, checkpoint, scale, device, args, refiner, method, maps)
     if args.csv is not None:
         return register_folder(options)
     files, note = register_pair(options, args.source, args.target, args.source_labels, args.target_labels, args.out)
@@ -176,22 +188,48 @@ def _check_arguments(args: argparse.Namespace) -> None:
         )
 
 
-def build_refiner(model: Path, checkpoint: Path, args: argparse.Namespace, device):
-    """The run's objective for refinement (:class:`~adacs_lightning.refine.Refiner`), from its run folder."""
+def load_run_method(model: Path, checkpoint: Path, device):
+    """The run's trained method (backbone, scorer, objective) from its run folder, in eval mode; None without one."""
     from omegaconf import OmegaConf
 
     from ..checkpoint import load_method
     from ..evaluation.runs import best_checkpoint
-    from ..refine import Refiner
 
     folder = run_folder(model)
     if folder is None:
+        return None
+    ckpt = checkpoint if str(checkpoint).endswith(".ckpt") else best_checkpoint(folder)
+    return load_method(ckpt, OmegaConf.load(folder / RUN_CONFIG)).to(device).eval()
+
+
+def _chosen_maps(text: str, method) -> tuple[str, ...]:
+    from ..evaluation.quality import MAP_NAMES
+
+    has_scorer = getattr(method, "scorer", None) is not None
+    if text == "auto":
+        return ("jacobian", "score") if has_scorer else ("jacobian",)
+    chosen = () if text == "none" else tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in MAP_NAMES]
+    if unknown:
+        raise AdaCSError(f"--maps: unknown map {unknown[0]!r}; choose from {', '.join(MAP_NAMES)}, auto or none.")
+    if "score" in chosen and not has_scorer:
+        raise AdaCSError(
+            "--maps score needs a run folder whose method has a scorer (AdaCS); this model has none: "
+            "drop score from --maps, or give --model the AdaCS run's folder."
+        )
+    return chosen
+
+
+def build_refiner(model: Path, method, args: argparse.Namespace, device):
+    """The run's objective for refinement (:class:`~adacs_lightning.refine.Refiner`), from its run folder."""
+    from ..refine import Refiner
+
+    folder = run_folder(model)
+    if folder is None or method is None:
         raise AdaCSError(
             f"--refine needs the run folder of {model} (its .hydra/config.yaml names the similarity, λ and scorer "
             "the refinement optimises with): give --model the run folder or a checkpoint inside it."
         )
-    ckpt = checkpoint if str(checkpoint).endswith(".ckpt") else best_checkpoint(folder)
-    method = load_method(ckpt, OmegaConf.load(folder / RUN_CONFIG))
     has_scorer = getattr(method, "scorer", None) is not None
     weights = args.refine_weights or ("score" if has_scorer else "none")
     if weights == "score" and not has_scorer:
@@ -287,6 +325,9 @@ def register_pair(
             "grid": refiner.grid,
             "labels_used": bool(args.refine_with_labels and target_label_map is not None and refiner.label_weight > 0),
         }
+    record["quality"], maps = _quality(options, source, target, result)
+    for key, array in maps.items():
+        files[key] = write_image(array, target, out / name.format(key))
     if target_label_map is not None:
         record["metrics"] = _metrics(result.ddf, labels, target_label_map, target, mask)
         if result.network_ddf is not None:
@@ -295,6 +336,34 @@ def register_pair(
     record["files"] = {key: path.name for key, path in files.items()}
     files["record"].write_text(json.dumps(record, indent=2))
     return files, note
+
+
+def _quality(options: Options, source, target, result) -> tuple[dict, dict]:
+    """The pair's quality figures and flag, and the maps asked for (``score``, ``residual``, ``jacobian_determinant``)."""
+    import torch
+
+    from ..evaluation.inference import scale_to_unit
+    from ..evaluation.quality import quality_figures, score_on_grid, warp_image
+    from ..metrics import jacobian_determinant
+
+    moving, fixed = (
+        scale_to_unit(v.array, options.scale)[0] if options.scale else torch.as_tensor(v.array, dtype=torch.float32)
+        for v in (source, target)
+    )
+    ddf = torch.as_tensor(result.ddf)
+    warped = warp_image(moving, ddf)
+    score = None
+    if getattr(options.method, "scorer", None) is not None:
+        score = score_on_grid(options.method, fixed, warped, options.args.divisible)
+    figures = quality_figures(ddf, moving, fixed, warped, score)
+    maps = {}
+    if "jacobian" in options.maps:
+        maps["jacobian_determinant"] = jacobian_determinant(ddf[None].float())[0].numpy()
+    if "residual" in options.maps:
+        maps["residual"] = (warped - fixed).pow(2).numpy()
+    if "score" in options.maps and score is not None:
+        maps["score"] = score.numpy()
+    return figures, maps
 
 
 def _on_target_grid(source, labels, target, grid: str, source_path: Path, target_path: Path):
@@ -378,7 +447,7 @@ def register_folder(options: Options) -> dict[str, Path]:
     args = options.args
     catalog = FolderDataModule(str(args.csv), spatial_dims=options.backbone.spatial_dims).discover()
     failed = [{"case": b.case, "file": b.file, "problem": f"{b.problem} {b.fix}".strip()} for b in catalog.bad]
-    metrics, start = [], time.perf_counter()
+    metrics, quality, start = [], [], time.perf_counter()
     units = list(catalog.units.values())
     for unit in tqdm(units, desc="Registering", unit="pair", disable=not sys.stderr.isatty()):
         files = unit.files
@@ -400,12 +469,15 @@ def register_folder(options: Options) -> dict[str, Path]:
             print(f"adacs-register: skipped {unit.id}: {error}", file=sys.stderr)
             continue
         record = json.loads(written["record"].read_text())
+        quality.append({"case": unit.id, **record["quality"]})
         if "metrics" in record:
             network = {f"network_{k}": v for k, v in record.get("metrics_network", {}).items() if k in NETWORK_COLUMNS}
             metrics.append({"case": unit.id, **record["metrics"], **network, "seconds": record["seconds"]})
     seconds = time.perf_counter() - start
     reports = {}
     args.out.mkdir(parents=True, exist_ok=True)
+    if quality:  # every registered pair, labelled or not: sort by flag to see which to check first
+        reports["quality"] = write_csv(quality, args.out / "quality.csv")
     if metrics:
         reports["metrics"] = write_csv(metrics, args.out / "metrics.csv")
     reports["failed"] = write_csv(failed, args.out / "failed.csv", ["case", "file", "problem"])
