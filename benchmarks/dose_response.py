@@ -356,12 +356,19 @@ def fmt(value, digits=2) -> str:
     return f"{value:.{digits}f}" if abs(value) >= 10 ** (-digits) or value == 0 else f"{value:.0e}"
 
 
-def write_report(out: Path, rows: list[dict], grids: dict, seeds: list[int], b: dict) -> None:
+def write_report(
+    out: Path, rows: list[dict], grids: dict, seeds: list[int], b: dict, lambda_seeds: list[int] | None = None
+) -> None:
+    chooser = (
+        f"λ chosen on the validation pairs of seed(s) {lambda_seeds}; every seed trained at it is reported. "
+        if lambda_seeds
+        else ""
+    )
     lines = [
         "# Dose-response: AdaCS against the λ-tuned baseline", "",
         f"Synthetic pairs {b['size']}², {b['train']} train / {b['val']} validation (chooses λ) / {b['test']} test pairs "
         f"per seed, seeds {seeds}; {b['epochs']} backbone epochs each (AdaCS adds {b['warmup']} of warm-up B). "
-        "Δ: test Dice (%) minus the baseline's, case level pooled over seeds (paired t, Wilcoxon), seed level "
+        f"{chooser}Δ: test Dice (%) minus the baseline's, case level pooled over seeds (paired t, Wilcoxon), seed level "
         "(paired t over seed means); p Holm-corrected across the AdaCS arms within a dose. AUROC: 1 − Ŝ as a "
         "detector of the target voxels without correspondence; Ŝ in / out: mean score inside / outside them.", "",
         "| dose | arm | λ (grid) | Dice | Δ | t p (Holm) | Wilcoxon p (Holm) | Δ per seed | seed p (Holm) | AUROC | Ŝ in / out | kept mass (train / test) | Δ Dice near | verdict |",
@@ -434,6 +441,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from the runs on disk; train nothing"
     )
+    parser.add_argument(
+        "--lambda-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="with --report-only: choose λ on these seeds' validation pairs, then report every seed trained at it",
+    )
     parser.add_argument("--workers", type=int, default=1, help="trainings at once, one thread each")
     parser.add_argument(
         "--extend-rounds", type=int, default=None, help="extend the λ grids at most this often (default: until inside)"
@@ -454,11 +468,14 @@ def main(argv: list[str] | None = None) -> None:
         if "baseline" not in usable:
             continue
         common = sorted(set.intersection(*(set(seeds[(dose, a)]) for a in usable)))
-        if not common:
+        chooser = args.lambda_seeds or common
+        if not common or not set(chooser) <= set(common):
             continue
-        chosen = {arm: chosen_lambda(args.out, dose, arm, common, grids[(dose, arm)]) for arm in usable}
-        rows += compare(args.out, dose, chosen, common, b)
-    write_report(args.out, rows, grids, args.seeds, b)
+        chosen = {arm: chosen_lambda(args.out, dose, arm, chooser, grids[(dose, arm)]) for arm in usable}
+        # Reported on every seed that has each arm's chosen λ (λ chosen on the chooser seeds' validation pairs).
+        tested = [s for s in args.seeds if all(run_path(args.out, dose, a, chosen[a], s).exists() for a in usable)]
+        rows += compare(args.out, dose, chosen, tested, b)
+    write_report(args.out, rows, grids, args.seeds, b, args.lambda_seeds)
 
 
 def runs_on_disk(out: Path, doses, arms, seeds) -> tuple[dict, dict]:
