@@ -39,7 +39,7 @@ def trained(out: Path, dose: str, arm: str, lam: float, seed: int, b: dict):
     """The study's AdaCS model for ``seed``, trained once and kept under ``<out>/models``."""
     path = out / "models" / f"{dose}__{arm}__lam{lam:g}__s{seed}.pt"
     L.seed_everything(seed, verbose=False)
-    model = study.build(arm, lam, b)
+    model = study.build(arm, lam, b, dose)
     data = study.datamodule(dose, seed, b)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu"))
