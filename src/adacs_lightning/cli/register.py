@@ -153,8 +153,14 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
     backbone = load_backbone(checkpoint, map_location="cpu")
     scale = None if args.no_scale else args.intensity or training_intensity(args.model) or "minmax"
     device = resolve_device(args.device)
-    wants_method = args.refine > 0 or args.maps == "auto" or "score" in args.maps
-    method = load_run_method(args.model, checkpoint, device) if wants_method else None
+    method = None
+    if args.refine > 0 or "score" in args.maps:
+        method = load_run_method(args.model, checkpoint, device)
+    elif args.maps == "auto":  # the score map where the run folder rebuilds a method with a scorer
+        try:
+            method = load_run_method(args.model, checkpoint, device)
+        except AdaCSError as error:
+            print(f"adacs-register: no score map ({error})", file=sys.stderr)
     maps = _chosen_maps(args.maps, method)
     refiner = build_refiner(args.model, method, args, device) if args.refine > 0 else None
     options = Options(backbone, checkpoint, scale, device, args, refiner, method, maps)

@@ -157,11 +157,8 @@ class AdaCS(RegistrationModule):
         # Measured over the last warm-up-A epoch (every calibration but "fixed"); buffers, so checkpoints hold them.
         calibrated = calibration != "fixed" and self.scorer is not None
         self.levels = ResidualLevels() if calibrated else None
-        self.robust = (
-            RobustScale(calibration, tukey_c, dead_zone, scale_momentum)
-            if calibrated and calibration in ROBUST_CALIBRATIONS
-            else None
-        )
+        robust = calibrated and calibration in ROBUST_CALIBRATIONS
+        self.robust = RobustScale(calibration, tukey_c, dead_zone, scale_momentum) if robust else None
         self.correspondence = ScorerTarget(
             self.similarity, scorer_target, shift_radius, shift_patch, self.levels, self.robust
         )
