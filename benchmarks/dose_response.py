@@ -40,6 +40,10 @@ from adacs_lightning.losses import gradient_energy, masked_mean
 from adacs_lightning.metrics import dice_near_and_away, dice_per_label, folding_percentage, localisation
 from adacs_lightning.warping import warp_block
 
+#: Clean magnitude MRI-like pairs: Rician noise, a smooth bias field, no field of view, no corruption.
+MRI_LIKE = dict(
+    noise="rician", noise_level=0.05, drift=0.1, fov=False, shadow_prob=0.0, dropout_prob=0.0, extra_structure_prob=0.0
+)
 #: Target-only corruption per dose: probability of each corruption and its depth (echo-like pairs).
 DOSES: dict[str, dict] = {
     "none": dict(shadow_prob=0.0, dropout_prob=0.0, extra_structure_prob=0.0),
@@ -53,37 +57,11 @@ DOSES: dict[str, dict] = {
         shadow_prob=0.9, dropout_prob=0.9, extra_structure_prob=0.9, shadow_attenuation=0.95, dropout_attenuation=0.95
     ),
     # A second zero dose: clean magnitude MRI (Rician noise, a smooth bias field), no field of view, no corruption.
-    "mri_clean": dict(
-        noise="rician",
-        noise_level=0.05,
-        drift=0.1,
-        fov=False,
-        shadow_prob=0.0,
-        dropout_prob=0.0,
-        extra_structure_prob=0.0,
-    ),
+    "mri_clean": MRI_LIKE,
     # The MRI-like pairs with target-only changes: bright blobs (a new lesion) and signal drop-outs.
-    "mri_lesion": dict(
-        noise="rician",
-        noise_level=0.05,
-        drift=0.1,
-        fov=False,
-        shadow_prob=0.0,
-        dropout_prob=0.6,
-        dropout_attenuation=0.8,
-        extra_structure_prob=0.6,
-    ),
+    "mri_lesion": dict(MRI_LIKE, dropout_prob=0.6, dropout_attenuation=0.8, extra_structure_prob=0.6),
     # Two subjects: the target's heart is an independent one (shape, size, wall, texture), then moved.
-    "mri_subject": dict(
-        noise="rician",
-        noise_level=0.05,
-        drift=0.1,
-        fov=False,
-        shadow_prob=0.0,
-        dropout_prob=0.0,
-        extra_structure_prob=0.0,
-        other_subject=1.0,
-    ),
+    "mri_subject": dict(MRI_LIKE, other_subject=1.0),
 }
 # The clean MRI-like pairs registered with local NCC, the similarity inter-subject MRI users pick.
 DOSES["mri_clean_lncc"] = dict(DOSES["mri_clean"], similarity="lncc")
