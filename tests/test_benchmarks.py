@@ -32,20 +32,26 @@ def test_step_time_benchmark_prints_ratios(tmp_path):
 def test_dose_response_study_tiny_mode_writes_its_report(tmp_path):
     out = tmp_path / "dose"
     command = [sys.executable, str(BENCHMARKS / "dose_response.py"), "--out", str(out), "--tiny", "--seeds", "0", "1"]
-    command += ["--doses", "none", "strong", "--arms", "baseline", "shift_min"]
+    command += ["--doses", "none", "strong", "--arms", "baseline", "shift_min", "dead_zone_pair"]
     result = run_command(command, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [(r["dose"], r["arm"]) for r in rows] == [
-        ("none", "baseline"), ("none", "shift_min"), ("strong", "baseline"), ("strong", "shift_min")
-    ]  # fmt: skip
-    strong = rows[3]
+    arms = ("baseline", "shift_min", "dead_zone_pair")
+    assert [(r["dose"], r["arm"]) for r in rows] == [(d, a) for d in ("none", "strong") for a in arms]
+    strong = rows[4]
     assert 0.0 <= strong["auroc"] <= 1.0 and len(strong["seed_deltas"]) == 2  # the mask exists at a strong dose
     assert "t_p_holm" in strong and (out / "dose_response.png").is_file()
+    assert 0.0 < strong["kept_mass"] <= 1.0 and 0.0 < strong["train_kept_mass"] <= 1.0  # the mechanism's health
     assert "| strong | AdaCS, calibrated + shift-min target |" in (out / "results.md").read_text()
     # A rerun reads the runs back instead of training them again.
     runs = sorted((out / "runs").glob("*.json"))
-    assert len(runs) == 8 and run_command(command, cwd=tmp_path).returncode == 0
+    assert len(runs) == 12 and run_command(command, cwd=tmp_path).returncode == 0
+    assert sorted((out / "runs").glob("*.json")) == runs
+    # The report alone, λ chosen on seed 0's validation pairs, from the runs on disk.
+    report = run_command([*command, "--report-only", "--lambda-seeds", "0"], cwd=tmp_path)
+    assert (
+        report.returncode == 0 and "chosen on the validation pairs of seed(s) [0]" in (out / "results.md").read_text()
+    )
     assert sorted((out / "runs").glob("*.json")) == runs
 
 
