@@ -424,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         nargs="+",
         default=None,
-        help="with --report-only: choose λ on these seeds' validation pairs, then report every seed trained at it",
+        help="search λ on these seeds only (their validation pairs choose it), train the other seeds at the chosen λ, "
+        "and report every seed trained at it",
     )
     parser.add_argument("--workers", type=int, default=1, help="trainings at once, one thread each")
     parser.add_argument(
@@ -435,11 +436,14 @@ def main(argv: list[str] | None = None) -> None:
     b = {**budget(args.tiny, args.epochs), "accelerator": args.accelerator}
     arms = ["baseline", *[a for a in args.arms if a != "baseline"]]
     grid, start = ((START[0],), (START[0],)) if args.tiny else (LAMBDAS, START)
-    if args.report_only:
-        grids, seeds = runs_on_disk(args.out, args.doses, arms, args.seeds)
-    else:
-        grids = choose_lambdas(args.out, args.doses, arms, args.seeds, b, args.workers, grid, start, args.extend_rounds)
-        seeds = {key: args.seeds for key in grids}
+    if not args.report_only:
+        searched = args.lambda_seeds or args.seeds
+        grids = choose_lambdas(args.out, args.doses, arms, searched, b, args.workers, grid, start, args.extend_rounds)
+        if args.lambda_seeds:  # the other seeds train at the λ the search chose, only
+            chosen = {key: chosen_lambda(args.out, *key, searched, lams) for key, lams in grids.items()}
+            others = [s for s in args.seeds if s not in searched]
+            run_all([(args.out, *key, lam, s, b) for key, lam in chosen.items() for s in others], args.workers)
+    grids, seeds = runs_on_disk(args.out, args.doses, arms, args.seeds)
     rows = []
     for dose in args.doses:
         usable = [a for a in arms if (dose, a) in grids]
