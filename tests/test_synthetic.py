@@ -181,3 +181,19 @@ def test_minmax_intensity_scales_each_frame_to_the_unit_interval():
     for item in pairs.items:
         for key in ("source", "target"):
             assert float(item[key].min()) == 0.0 and float(item[key].max()) == pytest.approx(1.0)
+
+
+def test_another_subject_differs_beyond_the_motion_and_marks_no_voxel(clean_nuisance):
+    """other_subject=1: the target is another heart, so the true motion no longer explains it; nothing is marked
+    as lacking correspondence (the difference is anatomy, the registration signal). 0 keeps one heart."""
+    from dataclasses import replace
+
+    warp_labels = Warp(mode="nearest", padding_mode="border")
+    for change, same in ((0.0, True), (1.0, False)):
+        pair = make_pair((48, 48), replace(clean_nuisance, other_subject=change), torch.Generator().manual_seed(4))
+        moved = warp_labels(pair.source_label[None].float(), pair.ddf[None])[0].round().long()
+        agreement = float((moved == pair.target_label).float().mean())
+        assert (agreement > 0.99) == same, (change, agreement)
+        assert float(pair.nocorr.sum()) == 0.0
+    with pytest.raises(ValueError, match="other_subject"):
+        Nuisances(other_subject=1.5)
