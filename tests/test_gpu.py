@@ -24,7 +24,12 @@ def test_cuda_training_through_every_phase_in_mixed_precision(precision):
 
 
 @pytest.mark.parametrize("options", [{"channels_last": True}, {"compile": True}])
-def test_speed_options_on_the_gpu_train_the_same_model(options):
+def test_speed_options_on_the_gpu_train_the_same_model(options, monkeypatch):
+    """The layout or compilation must not change what is trained. TF32 is switched off for the comparison:
+    cuDNN picks other kernels for channels-last, and TF32's 10-bit mantissa alone moved the scorer's map
+    by up to 0.008 after three epochs on an H200 (2026-12-04), more than the layout check allows."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     results = []
     for kwargs in ({}, options):
         torch.manual_seed(0)
