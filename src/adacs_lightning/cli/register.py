@@ -6,8 +6,8 @@ Examples::
     adacs-register --model outputs/<run>/backbone.pt --source a.mha --target b.mha --source-labels a_seg.nrrd
     adacs-register --model outputs/<run> --csv pairs.csv --out registered/      # every row, one process
 
-Outputs are on the target's grid and in the target's file format; the displacement is in the
-convention ITK, ANTs and 3D Slicer apply (docs/interop.md). PyTorch is imported only once the
+Outputs are on the target's grid and in the target's file format; the displacement is in ITK's
+displacement-field convention (docs/interop.md). PyTorch is imported only once the
 arguments are valid, so ``--help`` answers at once.
 """
 
@@ -37,11 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adacs-register",
         description=(
-            "Register SOURCE onto TARGET (or every row of a CSV) with the registration network of a trained run: "
-            "the backbone alone, no scorer. Reads NIfTI, MHA/MHD and NRRD. Writes, on the target's grid and in its "
-            "format: the warped source (its original intensities), the displacement as ITK/ANTs/3D Slicer apply it "
-            "(physical mm, LPS components, a displacement field on the target grid), its inverse, the product's own "
-            "voxel-unit field (displacement_voxels.nii.gz) and, with labels, the warped source labels."
+            "Register SOURCE onto TARGET (or every row of a CSV) with the registration network of a trained run "
+            "(the run's scorer, when the run folder has one, adds the score map and weights --refine). Reads NIfTI, "
+            "MHA/MHD and NRRD. Writes, on the target's grid and in its format: the warped source (its original "
+            "intensities), the displacement in ITK's convention (physical mm, LPS components, a displacement field "
+            "on the target grid; tested with SimpleITK), its inverse, the product's own voxel-unit field "
+            "(displacement_voxels.nii.gz), the maps of --maps, with labels the warped source labels, and "
+            "registration.json with quality figures and a flag (quality.csv for a folder)."
         ),
         formatter_class=HelpFormatter,
     )
