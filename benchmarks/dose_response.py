@@ -381,7 +381,7 @@ def figure(out: Path, rows: list[dict]) -> None:
 
     doses = list(dict.fromkeys(r["dose"] for r in rows))
     arms = [a for a in dict.fromkeys(r["arm"] for r in rows) if a != "baseline"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
     x = np.arange(len(doses))
     for k, arm in enumerate(arms):
         by_dose = {r["dose"]: r for r in rows if r["arm"] == arm}
@@ -403,6 +403,8 @@ def figure(out: Path, rows: list[dict]) -> None:
     right.set(
         xticks=x, xticklabels=doses, ylabel="AUROC of 1 − Ŝ", title="Does the score fall where correspondence is lost?"
     )
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelrotation=25)
     left.legend(fontsize=7)
     fig.savefig(out / "dose_response.png", dpi=120)
     plt.close(fig)
