@@ -49,6 +49,9 @@ def test_ddp_cpu_equals_one_process_with_the_same_global_batch(tmp_path, setting
     own two pairs instead of all four). The default AdaCS (``method=adacs``) also calibrates κ from the
     warm-up residuals, averaged over the ranks; κ amplifies the rounding into m_T, so 5e-3 there.
     """
+    # The default's scorer learns from a target scaled by rank-averaged levels: its map differed by up to
+    # 1.5e-3 on 0.4 % of the voxels (2026-12-04, 2-core machine), so its weights are compared at 2e-3.
+    weights_atol = 2e-3 if rel > 1e-3 else 5e-4
     ddp = train(tmp_path / "ddp", "trainer=ddp_cpu", "data.batch_size=2", f"method={method}", *settings)
     single = train(tmp_path / "single", "trainer=cpu", "data.batch_size=4", f"method={method}", *settings)
     assert ddp["epochs"] == single["epochs"] == 3
@@ -60,6 +63,6 @@ def test_ddp_cpu_equals_one_process_with_the_same_global_batch(tmp_path, setting
     a = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "single" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert int(a["momentum.count"]) == int(b["momentum.count"]) == 4
-    assert_same_training(a, b, atol=5e-4)
+    assert_same_training(a, b, atol=weights_atol)
     # both ranks ran: the second rank's log exists
     assert (tmp_path / "ddp" / "train_ddp_process_1.log").is_file()
