@@ -206,3 +206,16 @@ def test_a_pair_aware_scorer_sees_the_warped_source(robust_run):
 def test_bad_robust_settings_name_themselves(settings, named):
     with pytest.raises(ConfigError, match=named):
         AdaCS(tiny_backbone(), **settings)
+
+
+def test_refinement_scores_the_pair_for_a_pair_aware_run(robust_run):
+    from adacs_lightning.refine import Refiner
+
+    model, _ = robust_run
+    refiner = Refiner.from_module(model, "score", steps=2)
+    assert refiner.scorer_input == "pair"
+    moving, fixed = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    refined = refiner.refine(moving, fixed, torch.zeros(1, 2, 32, 32))
+    assert refined.ddf.shape == (1, 2, 32, 32)
+    with pytest.raises(ValueError, match="warped source"):
+        refiner.weight_map(fixed)

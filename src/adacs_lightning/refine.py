@@ -93,6 +93,7 @@ class Refiner:
         label_weight: weight of a Dice loss between warped source labels and target labels (with labels given).
         tolerance, patience: a pair stops once its objective has not fallen by ``tolerance`` (relative) in
             ``patience`` steps.
+        scorer_input: what the scorer sees, ``"target"`` or ``"pair"`` (the run's setting); None reads the scorer's own.
     """
 
     def __init__(
@@ -110,12 +111,14 @@ class Refiner:
         label_weight: float = 0.0,
         tolerance: float = 1e-4,
         patience: int = 10,
+        scorer_input: str | None = None,
     ) -> None:
         if steps < 0 or lr <= 0 or grid < 1 or patience < 1:
             raise ValueError(f"need steps ≥ 0, lr > 0, grid ≥ 1, patience ≥ 1; got {steps}, {lr}, {grid}, {patience}")
         if weighting not in DATA_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {DATA_WEIGHTINGS}, got {weighting!r}")
         self.similarity, self.lam, self.scorer, self.weighting = similarity, float(lam), scorer, weighting
+        self.scorer_input = scorer_input or getattr(scorer, "scorer_input", "target")
         self.steps, self.lr, self.grid = int(steps), float(lr), int(grid)
         self.fold_weight, self.fold_margin, self.label_weight = (
             float(fold_weight),
@@ -142,6 +145,7 @@ class Refiner:
             float(hparams.get("lam", LAM)),
             scorer=scorer,
             weighting=str(hparams.get("data_weighting", "mean")) if scorer is not None else "mean",
+            scorer_input=str(hparams.get("scorer_input", "target")),
             **settings,
         )
 
@@ -151,7 +155,7 @@ class Refiner:
         if self.scorer is None:
             return None
         inputs = fixed
-        if getattr(self.scorer, "scorer_input", "target") == "pair":
+        if self.scorer_input == "pair":
             if warped is None:
                 raise ValueError("this scorer sees the pair (scorer_input='pair'): pass the warped source")
             inputs = torch.cat([fixed, warped], dim=1)

@@ -221,7 +221,7 @@ class AdaCS(RegistrationModule):
         if self.scorer is not None:
             rank_zero_info(
                 "AdaCS: at a converged budget on the synthetic dose-response study no AdaCS variant beat a λ-tuned "
-                "baseline on MRI-like pairs (this default lost up to 1.0 Dice, the robust calibrations up to 2.5) and "
+                "baseline on MRI-like pairs (this default lost up to 1.0 Dice, the robust calibrations up to 3.3) and "
                 "wins were rare elsewhere (docs/results.md, *Where AdaCS helps*). Check your data with "
                 "adacs-train -m experiment=fair_comparison."
             )
