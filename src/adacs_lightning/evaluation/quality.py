@@ -64,16 +64,13 @@ def quality_figures(ddf: Tensor, source: Tensor, target: Tensor, warped: Tensor,
 
 def flag_reasons(figures: dict) -> list[str]:
     """The parts of :data:`FLAG_RULE` a pair's figures break (none: ``ok``)."""
-    reasons = []
-    if figures["folding_pct"] > FLAG_RULE["folding_pct"][0]:
-        reasons.append(FLAG_RULE["folding_pct"][1])
-    if figures["det_jacobian_p1"] < FLAG_RULE["det_jacobian_p1"][0]:
-        reasons.append(FLAG_RULE["det_jacobian_p1"][1])
-    if figures["residual_after"] >= FLAG_RULE["residual_ratio"][0] * figures["residual_before"]:
-        reasons.append(FLAG_RULE["residual_ratio"][1])
-    if figures.get("score_low_share", 0.0) > FLAG_RULE["score_low_share"][0]:
-        reasons.append(FLAG_RULE["score_low_share"][1])
-    return reasons
+    broken = {
+        "folding_pct": figures["folding_pct"] > FLAG_RULE["folding_pct"][0],
+        "det_jacobian_p1": figures["det_jacobian_p1"] < FLAG_RULE["det_jacobian_p1"][0],
+        "residual_ratio": figures["residual_after"] >= FLAG_RULE["residual_ratio"][0] * figures["residual_before"],
+        "score_low_share": figures.get("score_low_share", 0.0) > FLAG_RULE["score_low_share"][0],
+    }
+    return [FLAG_RULE[name][1] for name, fails in broken.items() if fails]
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..correspondence import ROBUST_CALIBRATIONS, RobustScale, ScorerTarget, kept_mass
+from ..correspondence import ROBUST_CALIBRATIONS, SCORER_TARGETS, RobustScale, ScorerTarget, kept_mass
 from ..errors import ConfigError
 from ..losses import DATA_WEIGHTINGS, closed_form_score, masked_mean
 from ..objective import Direction, mean_of
@@ -62,8 +62,8 @@ class ClosedFormRobust(RegistrationModule):
             raise ConfigError("data_weighting", f"must be 'mean' or 'normalised', got {data_weighting!r}.")
         if calibration not in ("fixed", *ROBUST_CALIBRATIONS):
             raise ConfigError("calibration", f"must be 'fixed', 'dead_zone' or 'tukey', got {calibration!r}.")
-        if scorer_target not in ("residual", "shift_min"):
-            raise ConfigError("scorer_target", f"must be 'residual' or 'shift_min', got {scorer_target!r}.")
+        if scorer_target not in SCORER_TARGETS:
+            raise ConfigError("scorer_target", f"must be one of {SCORER_TARGETS}, got {scorer_target!r}.")
         super().__init__(backbone, warmup_epochs=warmup_epochs, **settings)
         self.robust = RobustScale(calibration) if calibration in ROBUST_CALIBRATIONS else None
         self.correspondence = ScorerTarget(
