@@ -23,6 +23,7 @@ import torch
 
 from adacs_lightning import ScoringNetwork, voxelmorph
 from adacs_lightning.data import Nuisances, make_pair
+from adacs_lightning.objective import BackboneObjective
 from adacs_lightning.refine import Refiner
 from adacs_lightning.similarity import SquaredError
 
@@ -51,7 +52,9 @@ def measure(ndim: int, size: int, steps: list[int], grids: list[int], batch: int
     objective: dict[tuple[int, int], tuple[float, float]] = {}
     for _ in range(repeats):
         for n, grid in settings:  # interleaved: machine noise hits every setting alike
-            refiner = Refiner(SquaredError(), 0.05, scorer=scorer, steps=n, lr=0.1, grid=grid, tolerance=0.0)
+            refiner = Refiner(
+                BackboneObjective(SquaredError(), 0.05), scorer=scorer, steps=n, lr=0.1, grid=grid, tolerance=0.0
+            )
             sync(device)
             start = time.perf_counter()
             with torch.no_grad():

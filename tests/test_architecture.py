@@ -13,7 +13,7 @@ layer   name         modules
 2       methods      objective, methods/
 3       data         data/
 4       running      training, callbacks, loggers, figures, fields
-5       analysis     evaluation/, sweeps/, refine
+5       analysis     evaluation/, sweeps/, refine, registration/
 6       interface    cli/, and the package's ``__init__`` (it names the public objects)
 ======  ===========  ===========================================================================
 
@@ -43,12 +43,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "momentum",
         "correspondence",
         "checkpoint_io",
+        "devices",
     ),
     "networks": ("backbones", "scoring", "checkpoint"),
     "methods": ("objective", "methods"),
     "data": ("data",),
     "running": ("training", "callbacks", "loggers", "figures", "fields"),
-    "analysis": ("evaluation", "sweeps", "refine"),
+    "analysis": ("evaluation", "sweeps", "refine", "registration"),
     "interface": ("cli", ""),
 }
 #: (importer, imported) prefixes that are refused whatever their layers.

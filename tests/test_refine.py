@@ -11,6 +11,7 @@ from torch import nn
 
 from adacs_lightning.cli import register as register_cli
 from adacs_lightning.metrics import folding_percentage
+from adacs_lightning.objective import BackboneObjective
 from adacs_lightning.refine import Refiner, per_pair_data_term
 from adacs_lightning.similarity import SquaredError
 
@@ -45,11 +46,11 @@ def test_refinement_lowers_the_objective_and_zero_steps_return_the_network_field
     moving, fixed = _blobs([(2.0, -1.5)])
     start = torch.zeros(1, 2, 48, 48)
     start[:, 0] = 0.5  # a network's guess: half a voxel along the first axis
-    refiner = Refiner(SquaredError(), lam=0.05, steps=60, lr=0.2, grid=4)
+    refiner = Refiner(BackboneObjective(SquaredError(), lam=0.05), steps=60, lr=0.2, grid=4)
     result = refiner.refine(moving, fixed, start)
     assert result.objective_after[0] < 0.5 * result.objective_before[0]
-    assert torch.allclose(refiner.objective(moving, fixed, result.ddf), result.objective_after, rtol=1e-4)
-    untouched = Refiner(SquaredError(), lam=0.05, steps=0).refine(moving, fixed, start)
+    assert torch.allclose(refiner.objective_per_pair(moving, fixed, result.ddf), result.objective_after, rtol=1e-4)
+    untouched = Refiner(BackboneObjective(SquaredError(), lam=0.05), steps=0).refine(moving, fixed, start)
     assert torch.equal(untouched.ddf, start) and int(untouched.steps[0]) == 0
 
 
@@ -60,8 +61,8 @@ def test_score_weighting_changes_the_data_gradient_only_where_the_score_is_below
     ddf = torch.zeros(1, 2, 48, 48, requires_grad=True)
     gradients = {}
     for name, weight in (("plain", None), ("scored", score)):
-        refiner = Refiner(SquaredError(), lam=0.0, fold_weight=0.0, weighting="mean")
-        residual = refiner.similarity(refiner.warp(moving, ddf), fixed)
+        refiner = Refiner(BackboneObjective(SquaredError(), lam=0.0), fold_weight=0.0, weighting="mean")
+        residual = refiner.objective.residual(moving, fixed, ddf)
         (grad,) = torch.autograd.grad(per_pair_data_term(residual, weight, None, "mean").sum(), ddf)
         gradients[name] = grad
     low = (score < 1).expand_as(ddf)
@@ -73,14 +74,18 @@ def test_score_weighting_changes_the_data_gradient_only_where_the_score_is_below
 def test_batched_and_unbatched_refinement_agree_and_the_scorer_weights_it():
     moving, fixed = _blobs([(2.0, -1.0), (-1.0, 2.5), (0.5, 0.5)])
     score = torch.rand(1, 1, 48, 48, generator=torch.Generator().manual_seed(1))
-    refiner = Refiner(SquaredError(), lam=0.05, steps=25, lr=0.2, grid=4, scorer=ConstantScorer(score))
+    refiner = Refiner(
+        BackboneObjective(SquaredError(), lam=0.05), steps=25, lr=0.2, grid=4, scorer=ConstantScorer(score)
+    )
     start = torch.zeros(3, 2, 48, 48)
     batched = refiner.refine(moving, fixed, start)
     for i in range(3):
         alone = refiner.refine(moving[i : i + 1], fixed[i : i + 1], start[i : i + 1])
         torch.testing.assert_close(alone.ddf, batched.ddf[i : i + 1], atol=1e-5, rtol=1e-4)
         assert int(alone.steps[0]) == int(batched.steps[i])
-    unweighted = Refiner(SquaredError(), lam=0.05, steps=25, lr=0.2, grid=4).refine(moving, fixed, start)
+    unweighted = Refiner(BackboneObjective(SquaredError(), lam=0.05), steps=25, lr=0.2, grid=4).refine(
+        moving, fixed, start
+    )
     assert not torch.allclose(unweighted.ddf, batched.ddf)
 
 
@@ -90,8 +95,12 @@ def test_the_folding_guard_keeps_a_tempting_pair_unfolded():
     moving = torch.exp(-((yy - 24) ** 2 + (xx - 24) ** 2) / 60.0)[None, None]
     fixed = torch.exp(-((yy - 24) ** 2) / 60.0 - (xx - 24) ** 2 / 0.5)[None, None]
     start = torch.zeros(1, 2, 48, 48)
-    free = Refiner(SquaredError(), lam=0.0, steps=150, lr=1.0, grid=1, fold_weight=0.0).refine(moving, fixed, start)
-    guarded = Refiner(SquaredError(), lam=0.0, steps=150, lr=1.0, grid=1, fold_weight=1.0).refine(moving, fixed, start)
+    free = Refiner(BackboneObjective(SquaredError(), lam=0.0), steps=150, lr=1.0, grid=1, fold_weight=0.0).refine(
+        moving, fixed, start
+    )
+    guarded = Refiner(BackboneObjective(SquaredError(), lam=0.0), steps=150, lr=1.0, grid=1, fold_weight=1.0).refine(
+        moving, fixed, start
+    )
     assert float(free.folding_after[0]) > 0.5  # the temptation is real
     assert float(guarded.folding_after[0]) <= float(guarded.folding_before[0]) == 0.0
     assert float(folding_percentage(guarded.ddf)[0]) == 0.0
@@ -166,7 +175,7 @@ def test_one_call_on_a_trained_module_refines_its_backbones_field():
 def test_the_label_term_handles_large_label_values_pair_by_pair():
     moving, fixed = _blobs([(2.0, 0.0), (0.0, 2.0)], size=32)
     labels = [(im > 0.5).long() * value for im, value in ((moving, 2035), (fixed, 2035))]
-    refiner = Refiner(SquaredError(), lam=0.05, steps=5, lr=0.2, label_weight=1.0)
+    refiner = Refiner(BackboneObjective(SquaredError(), lam=0.05, label_weight=1.0), steps=5, lr=0.2)
     batched = refiner.refine(moving, fixed, torch.zeros(2, 2, 32, 32), None, *labels)
     alone = refiner.refine(moving[:1], fixed[:1], torch.zeros(1, 2, 32, 32), None, labels[0][:1], labels[1][:1])
     torch.testing.assert_close(alone.ddf, batched.ddf[:1], atol=1e-5, rtol=1e-4)

@@ -163,6 +163,7 @@ def test_register_scales_intensities_as_the_run_was_trained(checkpoint, tmp_path
     nib.save(nib.Nifti1Image(bright, np.eye(4)), str(source))
     nib.save(nib.Nifti1Image(_phantom(seed=1), np.eye(4)), str(target))
     acdc = {"_target_": "adacs_lightning.data.ACDCDataModule", "root": "/data/acdc", "intensity": "percentile"}
+    acdc["spacing"] = 1.0  # the files' spacing: the run's grid is theirs
     run = _run_folder(tmp_path / "run", acdc)
 
     outputs = itertools.count()
@@ -188,11 +189,13 @@ def test_register_scales_intensities_as_the_run_was_trained(checkpoint, tmp_path
 
 
 def test_training_intensity_falls_back_to_the_data_module_default(tmp_path):
+    from adacs_lightning.registration import training_intensity
+
     unset = _run_folder(tmp_path / "acdc", {"_target_": "adacs_lightning.data.ACDCDataModule", "root": "/x"})
-    assert register_cli.training_intensity(unset) == "percentile"  # ACDCDataModule's default
+    assert training_intensity(unset) == "percentile"  # ACDCDataModule's default
     synthetic = _run_folder(tmp_path / "synthetic", {"_target_": "adacs_lightning.data.SyntheticDataModule"})
-    assert register_cli.training_intensity(synthetic) is None  # generated in [0, 1]: min-max is used
-    assert register_cli.training_intensity(tmp_path / "model.ckpt") is None
+    assert training_intensity(synthetic) is None  # generated in [0, 1]: min-max is used
+    assert training_intensity(tmp_path / "model.ckpt") is None
 
 
 def test_registration_writes_maps_on_the_target_grid_and_quality_figures(pair, tmp_path):

@@ -78,15 +78,30 @@ def field_smoothness(output: RegistrationOutput, mask: Tensor | None, on: str = 
     return gradient_energy(velocity, mask)
 
 
-def label_dice_loss(dice: DiceLoss, warp: nn.Module, moving_label: Tensor, fixed_label: Tensor, ddf: Tensor) -> Tensor:
+def label_dice_loss(
+    dice: DiceLoss, warp: nn.Module, moving_label: Tensor, fixed_label: Tensor, ddf: Tensor, per_sample: bool = False
+) -> Tensor:
     """``dice`` (a MONAI Dice loss) between the one-hot moving labels warped by ``ddf`` and the fixed labels.
 
-    Labels are ``(B, 1, *spatial)`` integer maps, one-hot over ``0…max``; the warp is ``warp``
-    (bilinear: differentiable in the displacement).
+    Labels are ``(B, 1, *spatial)`` integer maps. The label values present (and 0, the background) are
+    numbered 0…K−1 before the one-hot, so large values (FreeSurfer's 2035) cost K channels, not 2036;
+    values 0…K−1 are left as they are. The warp is ``warp`` (bilinear: differentiable in the displacement).
+    ``per_sample``: ``dice`` must reduce nothing (``reduction="none"``); returns ``(B,)``, each pair's mean
+    over the labels present in that pair, so that a pair's term does not depend on the rest of its batch.
     """
-    classes = int(max(moving_label.max(), fixed_label.max())) + 1
-    moving = one_hot(moving_label.long(), classes).float()
-    return dice(warp(moving, ddf.float()), one_hot(fixed_label.long(), classes).float())
+    present = torch.cat([moving_label.flatten(), fixed_label.flatten(), moving_label.new_zeros(1)])
+    values = torch.unique(present)
+    moving, fixed = (torch.searchsorted(values, label.long().contiguous()) for label in (moving_label, fixed_label))
+    classes = len(values)
+    loss = dice(warp(one_hot(moving, classes).float(), ddf.float()), one_hot(fixed, classes).float())
+    if not per_sample:
+        return loss
+    loss = loss.flatten(2).mean(2)  # (B, C') with C' the channels Dice kept
+    channels = torch.arange(classes - loss.shape[1], classes, device=loss.device)
+    in_pair = torch.stack(
+        [torch.isin(channels, torch.cat([moving[i].flatten(), fixed[i].flatten()])) for i in range(loss.shape[0])]
+    ).to(loss.dtype)
+    return (loss * in_pair).sum(1) / in_pair.sum(1).clamp_min(1.0)
 
 
 def data_terms(

@@ -20,21 +20,19 @@ zero wherever the network's field does not approach folding.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
-from monai.networks.utils import one_hot
 from torch import nn
 
 from .choices import REFINE_WEIGHTS
+from .errors import AdaCSError
 from .losses import DATA_WEIGHTINGS, displacement_data_term, gradient_energy, masked_mean
-from .methods.settings import LAM
 from .metrics import folding_percentage, jacobian_determinant
-from .objective import warped_residual
-from .similarity import Similarity
-from .warping import warp_block
+from .objective import BackboneObjective, label_dice_loss
 
 Tensor = torch.Tensor
 
@@ -75,12 +73,73 @@ def per_pair_data_term(residual: Tensor, weight: Tensor | None, mask: Tensor | N
     return displacement_data_term(residual, weight, mask, weighting, per_sample=True)
 
 
+@dataclass
+class Descent:
+    """Adam on a correction, each pair of the batch stopping on its own; what :func:`minimise_per_pair` returns.
+
+    ``correction``: the best correction per pair; ``before`` / ``after``: the objective ``(B,)`` at the zero
+    correction and at the best one; ``steps``: iterations each pair took.
+    """
+
+    correction: Tensor
+    before: Tensor
+    after: Tensor
+    steps: Tensor
+
+
+def minimise_per_pair(
+    objective: Callable[[Tensor], Tensor],
+    shape: tuple[int, ...],
+    device: torch.device,
+    steps: int,
+    lr: float,
+    tolerance: float,
+    patience: int,
+) -> Descent:
+    """Minimise ``objective(correction) → (B,)`` over a correction of ``shape`` (starting at 0) with Adam.
+
+    The pairs' objectives are summed (Adam is elementwise, so each pair moves as if alone); a pair stops
+    once its objective has not fallen by ``tolerance`` (relative) in ``patience`` steps and keeps its best
+    correction, whatever Adam's momentum would still do.
+    """
+    correction = torch.zeros(shape, device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([correction], lr=lr)
+    batch, per_pair = shape[0], (-1, *[1] * (len(shape) - 1))
+    before = best = None
+    best_correction = correction.detach().clone()
+    since_gain = torch.zeros(batch, dtype=torch.long, device=device)
+    taken = torch.zeros(batch, dtype=torch.long, device=device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    for iteration in range(steps + 1):
+        last = iteration == steps
+        with torch.set_grad_enabled(not last):
+            value = objective(correction)
+        with torch.no_grad():
+            if before is None:  # the zero correction: the network's field
+                before, best = value.detach().clone(), value.detach().clone()
+            else:
+                improved = active & (value < best * (1.0 - tolerance))
+                best = torch.where(improved, value, best)
+                best_correction = torch.where(improved.view(per_pair), correction.detach(), best_correction)
+                since_gain = torch.where(improved, torch.zeros_like(since_gain), since_gain + active.long())
+                active = active & (since_gain < patience)
+        if last or not bool(active.any()):
+            break
+        optimiser.zero_grad(set_to_none=True)
+        (value * active).sum().backward()
+        optimiser.step()
+        with torch.no_grad():
+            taken += active.long()
+            correction.data = torch.where(~active.view(per_pair), best_correction, correction.detach())
+    return Descent(best_correction, before.detach(), best.detach(), taken)
+
+
 class Refiner:
     """Per-pair optimisation of a displacement with a trained run's objective.
 
     Args:
-        similarity: the run's dissimilarity map ``r``.
-        lam: the run's ``λ`` on ``mean‖∇u‖²``.
+        objective: the run's :class:`~adacs_lightning.objective.BackboneObjective` (similarity, ``λ`` on
+            ``mean‖∇u‖²`` of the displacement, label weight); training and refinement share it.
         scorer: a network ``target → Ŝ`` in [0, 1] that weights the data term (AdaCS's scorer), or None (``Ŝ ≡ 1``).
             A scorer built with ``scorer_input="pair"`` sees the target and the source warped by the network's field.
         weighting: how the map weights the data term (the run's ``data_weighting``: ``normalised``, ``mean``, ``scalar``).
@@ -90,16 +149,28 @@ class Refiner:
             a correction on a grid ``k`` times coarser, interpolated (fewer unknowns, smoother updates;
             ``benchmarks/refine.py`` compares them per second).
         fold_weight, fold_margin: the folding guard ``fold_weight · mean relu(fold_margin − det J)``.
-        label_weight: weight of a Dice loss between warped source labels and target labels (with labels given).
         tolerance, patience: a pair stops once its objective has not fallen by ``tolerance`` (relative) in
             ``patience`` steps.
         scorer_input: what the scorer sees, ``"target"`` or ``"pair"`` (the run's setting); None reads the scorer's own.
+
+    The label term (with labels given) is the objective's, weighted by its ``label_weight``.
+
+    Example::
+
+        >>> import torch
+        >>> from adacs_lightning.objective import BackboneObjective
+        >>> from adacs_lightning.refine import Refiner
+        >>> from adacs_lightning.similarity import SquaredError
+        >>> moving, fixed = torch.rand(2, 1, 1, 32, 32).unbind(0)
+        >>> refiner = Refiner(BackboneObjective(SquaredError(), lam=0.05), steps=5)
+        >>> result = refiner.refine(moving, fixed, torch.zeros(1, 2, 32, 32))
+        >>> result.ddf.shape, bool(result.objective_after[0] <= result.objective_before[0])
+        (torch.Size([1, 2, 32, 32]), True)
     """
 
     def __init__(
         self,
-        similarity: Similarity,
-        lam: float,
+        objective: BackboneObjective,
         *,
         scorer: nn.Module | None = None,
         weighting: str = "normalised",
@@ -108,46 +179,62 @@ class Refiner:
         grid: int = 4,
         fold_weight: float = 1.0,
         fold_margin: float = 0.1,
-        label_weight: float = 0.0,
         tolerance: float = 1e-4,
         patience: int = 10,
         scorer_input: str | None = None,
     ) -> None:
+        if not isinstance(objective, BackboneObjective):
+            raise TypeError(
+                f"Refiner takes a BackboneObjective, got {type(objective).__name__}: "
+                "wrap a similarity as BackboneObjective(similarity, lam)."
+            )
         if steps < 0 or lr <= 0 or grid < 1 or patience < 1:
             raise ValueError(f"need steps ≥ 0, lr > 0, grid ≥ 1, patience ≥ 1; got {steps}, {lr}, {grid}, {patience}")
         if weighting not in DATA_WEIGHTINGS:
             raise ValueError(f"weighting must be one of {DATA_WEIGHTINGS}, got {weighting!r}")
-        self.similarity, self.lam, self.scorer, self.weighting = similarity, float(lam), scorer, weighting
+        self.objective, self.scorer, self.weighting = objective, scorer, weighting
         self.scorer_input = scorer_input or getattr(scorer, "scorer_input", "target")
         self.steps, self.lr, self.grid = int(steps), float(lr), int(grid)
-        self.fold_weight, self.fold_margin, self.label_weight = (
-            float(fold_weight),
-            float(fold_margin),
-            float(label_weight),
-        )
+        self.fold_weight, self.fold_margin = float(fold_weight), float(fold_margin)
         self.tolerance, self.patience = float(tolerance), int(patience)
-        self.warp = warp_block("bilinear", "border")
-        self.dice = DiceLoss(include_background=False, reduction="none")
+        self.pair_dice = DiceLoss(include_background=False, reduction="none")
 
     @classmethod
-    def from_module(cls, module: nn.Module, weights: str = "score", **settings) -> Refiner:
-        """The objective of a trained method (:class:`~adacs_lightning.methods.RegistrationModule`): its similarity,
-        λ, data weighting and label weight, and with ``weights="score"`` its scorer (AdaCS runs only)."""
-        if weights not in REFINE_WEIGHTS:
+    def from_module(cls, module: nn.Module, weights: str | None = None, **settings) -> Refiner:
+        """The refinement of a trained method (:class:`~adacs_lightning.methods.RegistrationModule`): its objective,
+        its data weighting and, with ``weights="score"``, its scorer.
+
+        ``weights`` None: ``"score"`` where the method has a scorer (AdaCS), else ``"none"`` (``Ŝ ≡ 1``). This is
+        the one place that rule lives; ``"score"`` for a method without a scorer is an error.
+        """
+        if weights is not None and weights not in REFINE_WEIGHTS:
             raise ValueError(f"weights must be one of {REFINE_WEIGHTS}, got {weights!r}")
-        hparams = module.hparams
-        scorer = getattr(module, "scorer", None) if weights == "score" else None
+        scorer = getattr(module, "scorer", None)
+        weights = weights or ("score" if scorer is not None else "none")
         if weights == "score" and scorer is None:
-            raise ValueError("weights='score' needs a run with a scorer (AdaCS); use weights='none'")
-        settings.setdefault("label_weight", float(hparams.get("label_weight", 0.0)))
+            name = getattr(module, "method_name", type(module).__name__)
+            raise AdaCSError(
+                f"Score-weighted refinement needs a run with a scorer (AdaCS); this run trained {name}, which has "
+                "none. Refine it with weights 'none' (--refine-weights none), or leave the weights to the default."
+            )
+        hparams = getattr(module, "hparams", {})
+        weighting = str(hparams.get("data_weighting", "mean")) if weights == "score" else "mean"
         return cls(
-            module.similarity,
-            float(hparams.get("lam", LAM)),
-            scorer=scorer,
-            weighting=str(hparams.get("data_weighting", "mean")) if scorer is not None else "mean",
+            module.objective,
+            scorer=scorer if weights == "score" else None,
+            weighting=weighting,
             scorer_input=str(hparams.get("scorer_input", "target")),
             **settings,
         )
+
+    @property
+    def weights(self) -> str:
+        """``"score"`` when the data term is weighted by the scorer's map, else ``"none"``."""
+        return "score" if self.scorer is not None else "none"
+
+    @property
+    def label_weight(self) -> float:
+        return self.objective.label_weight
 
     # ------------------------------------------------------------------ the objective
     def weight_map(self, fixed: Tensor, warped: Tensor | None = None) -> Tensor | None:
@@ -165,7 +252,7 @@ class Refiner:
         self.scorer.train(was_training)
         return weight
 
-    def objective(
+    def objective_per_pair(
         self,
         moving: Tensor,
         fixed: Tensor,
@@ -175,25 +262,16 @@ class Refiner:
         labels: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """The objective of each pair ``(B,)`` at displacement ``ddf``: data + λ·smoothness + folding guard [+ labels]."""
-        residual = warped_residual(self.similarity, self.warp, moving, fixed, ddf, mask)
-        total = per_pair_data_term(residual, weight, mask, self.weighting)
-        total = total + self.lam * gradient_energy(ddf, mask, per_sample=True)
+        objective = self.objective
+        total = per_pair_data_term(objective.residual(moving, fixed, ddf, mask), weight, mask, self.weighting)
+        total = total + objective.lam * gradient_energy(ddf, mask, per_sample=True)
         if self.fold_weight > 0:
             shortfall = F.relu(self.fold_margin - jacobian_determinant(ddf)).unsqueeze(1)
             total = total + self.fold_weight * masked_mean(shortfall, mask, per_sample=True)
-        if labels is not None and self.label_weight > 0:
-            total = total + self.label_weight * self._label_term(ddf, *labels)
+        if labels is not None and objective.label_weight > 0:
+            term = label_dice_loss(self.pair_dice, objective.warp, *labels, ddf, per_sample=True)
+            total = total + objective.label_weight * term
         return total
-
-    def _label_term(self, ddf: Tensor, moving_label: Tensor, fixed_label: Tensor) -> Tensor:
-        """Dice loss of each pair ``(B,)`` over the labels present in it, renumbered 0…K−1 (label values may be large)."""
-        terms = []
-        for i in range(ddf.shape[0]):
-            values = torch.unique(torch.cat([moving_label[i].flatten(), fixed_label[i].flatten()]))
-            moving, fixed = (torch.searchsorted(values, lab[i : i + 1].long()) for lab in (moving_label, fixed_label))
-            warped = self.warp(one_hot(moving, len(values)).float(), ddf[i : i + 1])
-            terms.append(self.dice(warped, one_hot(fixed, len(values)).float()).mean())
-        return torch.stack(terms)
 
     # ------------------------------------------------------------------ optimisation
     def _field(self, start: Tensor, correction: Tensor) -> Tensor:
@@ -220,47 +298,22 @@ class Refiner:
         start = ddf.detach().float()
         moving, fixed = moving.float(), fixed.float()
         with torch.no_grad():
-            weight = self.weight_map(fixed, self.warp(moving, start))
+            weight = self.weight_map(fixed, self.objective.warp(moving, start))
         labels = (moving_label, fixed_label) if moving_label is not None and fixed_label is not None else None
         coarse = tuple(max(2, -(-n // self.grid)) for n in start.shape[2:]) if self.grid > 1 else start.shape[2:]
-        correction = torch.zeros((*start.shape[:2], *coarse), device=start.device, requires_grad=True)
-        optimiser = torch.optim.Adam([correction], lr=self.lr)
-        batch = start.shape[0]
-        before = best = None
-        best_correction = correction.detach().clone()
-        since_gain = torch.zeros(batch, dtype=torch.long, device=start.device)
-        steps = torch.zeros(batch, dtype=torch.long, device=start.device)
-        active = torch.ones(batch, dtype=torch.bool, device=start.device)
-        for iteration in range(self.steps + 1):
-            last = iteration == self.steps
-            with torch.set_grad_enabled(not last):
-                value = self.objective(moving, fixed, self._field(start, correction), weight, mask, labels)
-            with torch.no_grad():
-                if before is None:  # the network's field
-                    before, best = value.detach().clone(), value.detach().clone()
-                else:
-                    improved = active & (value < best * (1.0 - self.tolerance))
-                    best = torch.where(improved, value, best)
-                    keep = improved.view(-1, *[1] * (correction.ndim - 1))
-                    best_correction = torch.where(keep, correction.detach(), best_correction)
-                    since_gain = torch.where(improved, torch.zeros_like(since_gain), since_gain + active.long())
-                    active = active & (since_gain < self.patience)
-            if last or not bool(active.any()):
-                break
-            optimiser.zero_grad(set_to_none=True)
-            (value * active).sum().backward()
-            optimiser.step()
-            with torch.no_grad():
-                steps += active.long()
-                # A pair that stopped keeps its best correction, whatever Adam's momentum would still do.
-                frozen = ~active.view(-1, *[1] * (correction.ndim - 1))
-                correction.data = torch.where(frozen, best_correction, correction.detach())
-        refined = self._field(start, best_correction).detach()
+
+        def objective(correction: Tensor) -> Tensor:
+            return self.objective_per_pair(moving, fixed, self._field(start, correction), weight, mask, labels)
+
+        descent = minimise_per_pair(
+            objective, (*start.shape[:2], *coarse), start.device, self.steps, self.lr, self.tolerance, self.patience
+        )
+        refined = self._field(start, descent.correction).detach()
         return Refinement(
             ddf=refined.to(ddf.dtype),
-            objective_before=before.detach(),
-            objective_after=best.detach(),
-            steps=steps,
+            objective_before=descent.before,
+            objective_after=descent.after,
+            steps=descent.steps,
             folding_before=folding_percentage(start, mask),
             folding_after=folding_percentage(refined, mask),
             seconds=time.perf_counter() - start_time,
@@ -280,9 +333,8 @@ def register_refined(
 
     ``weights``: ``"score"`` (AdaCS's default), ``"none"`` (``Ŝ ≡ 1``); other ``settings`` go to :class:`Refiner`.
     For a backbone alone, build the objective yourself:
-    ``Refiner(SquaredError(), lam=0.05).refine(moving, fixed, backbone(moving, fixed))``.
+    ``Refiner(BackboneObjective(SquaredError(), lam=0.05)).refine(moving, fixed, backbone(moving, fixed))``.
     """
-    weights = weights or ("score" if getattr(module, "scorer", None) is not None else "none")
     refiner = Refiner.from_module(module, weights, steps=steps, **settings)
     was_training = module.backbone.training
     with torch.no_grad():
@@ -295,6 +347,7 @@ __all__ = [
     "REFINE_WEIGHTS",
     "Refinement",
     "Refiner",
+    "minimise_per_pair",
     "per_pair_data_term",
     "register_refined",
 ]

@@ -27,6 +27,7 @@ from .bad_cases import DataError, skip_or_raise
 from .base import FileDataModule, as_size, require_folder
 from .io import LoadFilesd, read_cfg
 from .pairs import Catalog, PairSpec, Unit, split_ids
+from .recipe import GridRecipe
 from .transforms import (
     INTENSITY_MODES,
     CheckShapesd,
@@ -191,6 +192,10 @@ class ACDCDataModule(FileDataModule):
         return Unit(folder.name, files)
 
     # ------------------------------------------------------------------ preprocessing
+    def registration_grid(self) -> GridRecipe:
+        """The in-plane spacing (the crop around the heart only frames the slice)."""
+        return GridRecipe(spacing=(self.spacing,) * 2 + (0.0,) * (self.spatial_dims - 2))
+
     def pipeline(self) -> Compose:
         images = ["ed", "es"]
         labels = ["label_ed", "label_es"] if self.use_labels else []

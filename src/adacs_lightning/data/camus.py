@@ -33,6 +33,7 @@ from .bad_cases import BadCase, DataError, skip_or_raise
 from .base import FileDataModule, as_size, require_folder
 from .io import LoadFilesd, read_cfg
 from .pairs import Catalog, PairSpec, Unit, split_ids
+from .recipe import GridRecipe
 from .transforms import (
     CheckShapesd,
     CheckValuesd,
@@ -226,6 +227,10 @@ class CAMUSDataModule(FileDataModule):
         return Unit(f"{name}_{view}", files)
 
     # ------------------------------------------------------------------ preprocessing
+    def registration_grid(self) -> GridRecipe:
+        """Stored (lateral, depth) → (depth, lateral), then the resize to ``image_size``."""
+        return GridRecipe(transpose=(1, 0), size=self.image_size)
+
     def pipeline(self) -> Compose:
         images = ["ed", "es"]
         labels = ["label_ed", "label_es"] if self.use_labels else []

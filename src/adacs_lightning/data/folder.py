@@ -23,6 +23,7 @@ from .bad_cases import BadCase, DataError, skip_or_raise
 from .base import FileDataModule, as_size, as_spacing
 from .io import LoadFilesd
 from .pairs import SPLITS, Catalog, PairSpec, Unit, split_ids
+from .recipe import GridRecipe
 from .transforms import (
     INTENSITY_MODES,
     CheckShapesd,
@@ -184,6 +185,14 @@ class FolderDataModule(FileDataModule):
         return "target_nocorr" in self.columns
 
     # ------------------------------------------------------------------ preprocessing
+    def registration_grid(self) -> GridRecipe:
+        """Reorientation (3D), resampling and, with ``resize``, the size: what registration repeats."""
+        return GridRecipe(
+            orientation=self.orientation if self.spatial_dims == 3 else None,
+            spacing=tuple(self.spacing) if self.spacing else None,
+            size=self.image_size if self.resize else None,
+        )
+
     def pipeline(self) -> Compose:
         images = ["source", "target"]
         labels = [k for k in ("label_source", "label_target") if k.replace("label_", "") + "_label" in self.columns]

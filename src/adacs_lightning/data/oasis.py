@@ -27,6 +27,7 @@ from .bad_cases import BadCase, DataError, skip_or_raise
 from .base import FileDataModule, as_size, as_spacing, require_folder
 from .io import LoadFilesd
 from .pairs import Catalog, PairSpec, Unit, split_ids
+from .recipe import GridRecipe
 from .transforms import (
     INTENSITY_MODES,
     CheckShapesd,
@@ -172,6 +173,10 @@ class OASISDataModule(FileDataModule):
         return found
 
     # ------------------------------------------------------------------ preprocessing
+    def registration_grid(self) -> GridRecipe:
+        """Reorientation and resampling (padding to ``image_size`` only frames the volume)."""
+        return GridRecipe(orientation=self.orientation, spacing=tuple(self.spacing) if self.spacing else None)
+
     def pipeline(self) -> Compose:
         labels = ["label_image"] if self.use_labels else []
         masks = ["mask_image"] if self.use_masks else []

@@ -45,6 +45,16 @@ def scale_to_unit(array: np.ndarray, mode: str = "minmax") -> Tensor:
     return convert_to_tensor(scaled, track_meta=False).float()
 
 
+@dataclass
+class NetworkField:
+    """What :func:`network_displacement` returns: ``ddf`` ``(ndim, *spatial)`` in voxels, the network's own
+    displacement ``network_ddf`` when refined, and the refinement's record."""
+
+    ddf: Tensor
+    network_ddf: Tensor | None = None
+    refinement: dict | None = None
+
+
 @torch.no_grad()
 def register_arrays(
     backbone: Backbone,
@@ -61,14 +71,36 @@ def register_arrays(
 ) -> Registration:
     """Register ``source`` onto ``target`` (both ``(*spatial)``, on one grid) with the backbone alone.
 
+    :func:`network_displacement` then :func:`apply_displacement`, on the images' own grid.
+    """
+    field = network_displacement(
+        backbone, source, target, scale, divisible, device, roi_size, refiner, source_labels, target_labels
+    )
+    return apply_displacement(source, field, source_labels, inverse)
+
+
+@torch.no_grad()
+def network_displacement(
+    backbone: Backbone,
+    source: np.ndarray,
+    target: np.ndarray,
+    scale: str | None = "minmax",
+    divisible: int = 16,
+    device: str | torch.device = "cpu",
+    roi_size: tuple[int, ...] | None = None,
+    refiner=None,
+    source_labels: np.ndarray | None = None,
+    target_labels: np.ndarray | None = None,
+) -> NetworkField:
+    """The network's displacement ``(ndim, *spatial)`` (voxels) from ``source`` to ``target`` (``(*spatial)``, one grid).
+
     The network sees both images scaled to [0, 1] by ``scale`` (``minmax`` or ``percentile``, see
     :func:`scale_to_unit`; None uses them as they are) and,
     when ``divisible > 1``, zero-padded symmetrically to a multiple of ``divisible`` per axis
     (U-Net backbones need sizes that divide by their total down-sampling, 16 for VoxelMorph);
     the displacement is cropped back to the input's shape. With ``roi_size`` the network runs on
     overlapping windows of that size, blended with Gaussian weights (MONAI's sliding-window
-    inference), for images larger than the network can take at once. ``inverse`` also returns the
-    inverse displacement (fixed-point iteration, :func:`invert_displacement`). A ``refiner``
+    inference), for images larger than the network can take at once. A ``refiner``
     (:class:`~adacs_lightning.refine.Refiner`) then optimises the network's displacement for this pair,
     on the scaled images, inside the image (not its padding); with ``source_labels`` and
     ``target_labels`` its label term applies.
@@ -99,12 +131,24 @@ def register_arrays(
             f"{tuple(padded_moving.shape[1:])}): {error}. U-Net backbones need sizes divisible by their "
             "down-sampling: try --divisible 16 or 32."
         ) from error
-    crop = tuple(slice(lo, lo + n) for lo, n in zip(_pad_before(source.shape, divisible), source.shape))
-    network_ddf, refinement = None, None
-    if refiner is not None:
-        network_ddf = ddf[(slice(None), *crop)].numpy().copy()
-        ddf, refinement = _refine(refiner, pair, ddf, pad, source, source_labels, target_labels)
-    ddf = ddf[(slice(None), *crop)].contiguous()
+    crop = (slice(None), *(slice(lo, lo + n) for lo, n in zip(_pad_before(source.shape, divisible), source.shape)))
+    if refiner is None:
+        return NetworkField(ddf[crop].contiguous())
+    network_ddf = ddf[crop].contiguous().clone()
+    ddf, refinement = _refine(refiner, pair, ddf, pad, source, source_labels, target_labels)
+    return NetworkField(ddf[crop].contiguous(), network_ddf, refinement)
+
+
+@torch.no_grad()
+def apply_displacement(
+    source: np.ndarray, field: NetworkField, source_labels: np.ndarray | None = None, inverse: bool = False
+) -> Registration:
+    """``source`` (its original intensities) and its labels warped by ``field.ddf`` ``(ndim, *spatial)`` on one grid.
+
+    Labels are warped with nearest-neighbour interpolation; ``inverse`` also returns the inverse
+    displacement (fixed-point iteration, :func:`invert_displacement`).
+    """
+    ddf = field.ddf.float()
     original = torch.as_tensor(source, dtype=torch.float32)[None, None]
     warped = warp_block("bilinear", "border")(original, ddf[None])[0, 0]
     warped_labels = None
@@ -115,7 +159,8 @@ def register_arrays(
         warped_labels = warp_block("nearest", "border")(labels, ddf[None])[0, 0].round().numpy()
         warped_labels = warped_labels.astype(np.asarray(source_labels).dtype)
     inverse_ddf = invert_displacement(ddf[None])[0].numpy() if inverse else None
-    return Registration(warped.numpy(), ddf.numpy(), warped_labels, inverse_ddf, refinement, network_ddf)
+    network_ddf = None if field.network_ddf is None else field.network_ddf.numpy()
+    return Registration(warped.numpy(), ddf.numpy(), warped_labels, inverse_ddf, field.refinement, network_ddf)
 
 
 def _refine(refiner, pair: tuple[Tensor, Tensor], ddf: Tensor, pad, source: np.ndarray, source_labels, target_labels):
