@@ -8,7 +8,7 @@ layers below. A module may import modules of its own layer and of the layers und
 layer   name         modules
 ======  ===========  ===========================================================================
 0       ground       errors, choices, configs, schedule, warping, similarity, losses, metrics,
-                     momentum, correspondence, checkpoint_io
+                     momentum, calibration, correspondence, scorer_target, checkpoint_io
 1       networks     backbones/, scoring, checkpoint
 2       methods      objective, methods/
 3       data         data/
@@ -41,7 +41,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "losses",
         "metrics",
         "momentum",
+        "calibration",
         "correspondence",
+        "scorer_target",
         "checkpoint_io",
         "devices",
     ),

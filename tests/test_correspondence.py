@@ -189,7 +189,9 @@ def test_data_calibration_measures_warmup_a_and_sets_kappa(strong_data):
     torch.testing.assert_close(model.momentum.kappa, 1.0 / levels.data)
     # The scorer sees its target at the paper's level, whatever the data's.
     target = torch.full((1, 1, 4, 4), float(levels.scorer))
-    torch.testing.assert_close(model._on_scorer_scale(target), torch.full_like(target, REFERENCE_LEVEL))
+    torch.testing.assert_close(
+        model.correspondence.on_scorer_scale(target, model.hparams.alpha), torch.full_like(target, REFERENCE_LEVEL)
+    )
     state = model.state_dict()
     assert {"levels.scorer", "levels.data"} <= set(state)  # checkpoints hold the calibration
 

@@ -176,7 +176,7 @@ def test_kept_inliers_weigh_one_whatever_the_score(robust_run):
     threshold = float(model.robust.threshold)
     targets = [torch.tensor([[[[0.0, threshold, 2 * threshold + 1.0]]]])]
     scores = [torch.full((1, 1, 1, 3), 0.3)]
-    (weights,) = model._data_weights(scores, targets)
+    (weights,) = model.scorer_terms.data_weights(scores, targets)
     torch.testing.assert_close(weights, torch.tensor([[[[1.0, 1.0, 0.3]]]]))
 
 

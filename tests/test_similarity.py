@@ -188,7 +188,9 @@ def test_scorer_sees_residuals_on_squared_errors_scale(similarity):
     batch = smooth_pair_batch()
     terms = model._micro_batch(batch)
     residual = terms.directions[0].residual.detach()
-    _, logs = model._scoring_loss(terms, torch.tensor(0.0), [residual])
+    _, logs = model.scorer_terms.loss(
+        terms.score, [residual], torch.tensor(0.0), terms.mask, True, model.momentum.kappa
+    )
     scaled = residual * similarity.kappa / 50.0
     torch.testing.assert_close(logs["train/ucs"], masked_mean(terms.score * scaled))
     if isinstance(similarity, SquaredError):

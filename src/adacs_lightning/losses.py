@@ -10,6 +10,8 @@ penalties are means over the neighbouring voxel pairs that both lie inside it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 Tensor = torch.Tensor
@@ -44,6 +46,12 @@ def masked_mean(values: Tensor, mask: Tensor | None = None, per_sample: bool = F
     if per_sample:
         return (values * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1.0)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def mean_of(values: Iterable[Tensor]) -> Tensor:
+    """The mean of scalar tensors (the tensor itself when there is one, so one direction adds no rounding)."""
+    values = list(values)
+    return values[0] if len(values) == 1 else torch.stack(values).mean()
 
 
 def gradient_energy(field: Tensor, mask: Tensor | None = None, per_sample: bool = False) -> Tensor:

@@ -11,7 +11,7 @@ Shapes: images ``(B, C, *spatial)``; a dissimilarity map ``r`` ``(B, 1, *spatial
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from .backbones import Backbone, RegistrationOutput
 from .errors import ConfigError
-from .losses import displacement_data_term, gradient_energy
+from .losses import displacement_data_term, gradient_energy, mean_of
 from .similarity import Similarity, SquaredError, similarity_from_name
 from .warping import warp_block
 
@@ -50,12 +50,6 @@ class Direction:
 
 
 # ---------------------------------------------------------------------- the functional core
-def mean_of(values: Iterable[Tensor]) -> Tensor:
-    """The mean of scalar tensors (the tensor itself when there is one, so one direction adds no rounding)."""
-    values = list(values)
-    return values[0] if len(values) == 1 else torch.stack(values).mean()
-
-
 def split_batch(stacked: Tensor | None, parts: int) -> list[Tensor | None]:
     """A map computed for ``parts`` directions at once ``(parts·B, …)``, back as one ``(B, …)`` per direction."""
     return [None] * parts if stacked is None else list(stacked.chunk(parts, dim=0))

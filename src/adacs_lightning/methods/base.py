@@ -147,6 +147,15 @@ class RegistrationModule(SpeedOptions, L.LightningModule):
         opts = self.optimizers()
         return list(opts) if isinstance(opts, (list, tuple)) else [opts]
 
+    def _mean_over_ranks(self, value: Tensor) -> Tensor:
+        """``value``'s mean over the data-parallel ranks (``value`` itself on one)."""
+        return self.trainer.strategy.reduce(value, reduce_op="mean")
+
+    def _optimisers_pair(self) -> tuple[Any, Any | None]:
+        """The backbone's optimiser and the weighting network's (None when the method has none)."""
+        opts = self._optimisers()
+        return opts[0], (opts[1] if len(opts) > 1 else None)
+
     def _images(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
         source, target, mask = unpack(batch, self.backbone.in_channels)
         return (*self._in_memory_format(source, target), mask)

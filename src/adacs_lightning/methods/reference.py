@@ -1,8 +1,8 @@
 """AdaCS as the authors' code trains it (``experiment=reference``; docs/method.md, *The reference recipe*).
 
 Everything in which the reference code departs from the paper's equations lives here, as
-overrides of :class:`~adacs_lightning.AdaCS`'s hooks: its gradient leak, its per-epoch momentum
-with the 1/2 weight of each direction, and residuals recomputed after the backbone's update.
+overrides of :class:`~adacs_lightning.AdaCS`'s extension points: its gradient leak, its per-epoch
+momentum with the 1/2 weight of each direction, and residuals recomputed after the backbone's update.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..momentum import MOMENTUM_MODES, MomentumWeight
+from ..momentum import MOMENTUM_MODES
 from ..schedule import Phase
 from .adacs import AdaCS, MicroBatch
 
@@ -49,11 +49,8 @@ class ReferenceAdaCS(AdaCS):
     ) -> None:
         settings = {"scorer_target": "residual", "calibration": "fixed", "data_weighting": "mean", **settings}
         _check_recipe(score_residual, momentum_mode, reference_leak, settings)
-        self._momentum_mode = momentum_mode
+        self._momentum_mode = momentum_mode  # read by AdaCS.__init__ when it builds m_T
         super().__init__(backbone, scorer, **settings)
-
-    def _momentum(self, gamma: float, kappa: float | str) -> MomentumWeight:
-        return MomentumWeight(gamma=gamma, kappa=kappa, mode=self._momentum_mode)
 
     def _clear_gradients(self) -> None:
         if not self.hparams.reference_leak:
@@ -77,25 +74,21 @@ class ReferenceAdaCS(AdaCS):
         weights each direction's loss by 1/2 before averaging them)."""
         if self.hparams.momentum_mode != "reference":
             return super()._update_momentum(mus)
-        mus = [self.trainer.strategy.reduce(mu, reduce_op="mean") for mu in mus]
+        mus = [self._mean_over_ranks(mu) for mu in mus]
         mus = [mu / (2 if self.hparams.bidirectional else 1) for mu in mus]
         for mu in mus:
             m = self.momentum.update(mu, epoch=self.current_epoch)
         return {"train/mu": torch.stack(mus).mean(), "train/m": m}
 
-    @property
-    def _detach_scorer_target(self) -> bool:
-        return not self.hparams.reference_leak
-
-    def _scorer_residuals(self, terms: MicroBatch) -> list[Tensor]:
+    def _scorer_residuals(self, terms: MicroBatch) -> tuple[list[Tensor], bool]:
         """With the leak, from a backbone run with gradients (re-run after its update in the joint phase), not
         detached, so ``L_ucs`` also trains the backbone; with ``recompute``, from the updated backbone."""
         joint = self.phase is Phase.JOINT
         if self.hparams.reference_leak:
             directions = self._register(terms.batch) if joint else terms.directions
-            return self._scorer_targets(directions, terms.mask, detach=False)
+            return self.correspondence.of(directions, terms.mask, detach=False), False
         if joint and self.hparams.score_residual == "recompute":
-            return self._scorer_targets(self._register(terms.batch, frozen=True), terms.mask)
+            return self.correspondence.of(self._register(terms.batch, frozen=True), terms.mask), True
         return super()._scorer_residuals(terms)
 
 

@@ -8,10 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..correspondence import ROBUST_CALIBRATIONS, SCORER_TARGETS, RobustScale, ScorerTarget, kept_mass
+from ..calibration import ROBUST_CALIBRATIONS, RobustScale
+from ..correspondence import SCORER_TARGETS, kept_mass
 from ..errors import ConfigError
 from ..losses import DATA_WEIGHTINGS, closed_form_score, masked_mean
 from ..objective import Direction, mean_of
+from ..scorer_target import ScorerTarget
 from .base import RegistrationModule
 from .settings import WARMUP_EPOCHS
 
@@ -34,7 +36,7 @@ class ClosedFormRobust(RegistrationModule):
         data_weighting: ``mean`` or ``normalised`` (as :class:`~adacs_lightning.AdaCS`).
         calibration: ``"fixed"`` (``S*`` from ``α`` on squared error's scale) or a robust scale of AdaCS's,
             ``"dead_zone"`` or ``"tukey"``, measured over the last warm-up epoch (``S*`` =
-            :meth:`~adacs_lightning.correspondence.RobustScale.optimum` of the target): the control for a
+            :meth:`~adacs_lightning.calibration.RobustScale.optimum` of the target): the control for a
             robustly calibrated AdaCS.
         scorer_target: what ``S*`` is computed from: ``"residual"`` or ``"shift_min"`` (as AdaCS's;
             ``shift_radius``, ``shift_patch`` its shifts and patch).
@@ -88,7 +90,7 @@ class ClosedFormRobust(RegistrationModule):
                                         [d.residual for d in directions])  # fmt: skip
             self.correspondence.observe(self.correspondence.maps(warped, fixed, residuals, mask), warped, fixed, mask)
         if weighting:
-            self.correspondence.fix(lambda t: self.trainer.strategy.reduce(t, reduce_op="mean"))
+            self.correspondence.fix(self._mean_over_ranks)
 
     def configure_optimizers(self):
         return self.backbone_optimizer()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..correspondence import CALIBRATIONS, DEAD_ZONE_HALF, DEAD_ZONE_K, SCORER_INPUTS, SCORER_TARGETS, TUKEY_C
+from ..calibration import CALIBRATIONS, DEAD_ZONE_HALF, DEAD_ZONE_K, TUKEY_C
+from ..correspondence import SCORER_INPUTS, SCORER_TARGETS
 from ..errors import ConfigError
 from ..losses import DATA_WEIGHTINGS
 from ..objective import SMOOTHNESS_TARGETS
