@@ -294,7 +294,8 @@ def _case_rows(method: str, seed: int, values: list[float], data: str = "k") -> 
 
 
 def test_seeds_on_one_test_set_are_averaged_per_case_before_pairing():
-    from adacs_lightning.evaluation.report import compare, comparison_markdown
+    from adacs_lightning.evaluation.compare import compare
+    from adacs_lightning.evaluation.tables import comparison_markdown
 
     baseline = {0: [0.60, 0.70, 0.80, 0.65], 1: [0.62, 0.68, 0.84, 0.61], 2: [0.58, 0.75, 0.79, 0.66]}
     adacs = {0: [0.66, 0.71, 0.86, 0.70], 1: [0.64, 0.74, 0.85, 0.69], 2: [0.69, 0.73, 0.88, 0.64]}
@@ -393,7 +394,7 @@ def test_a_two_value_sweep_is_compared_by_what_differs(tmp_path):
 
 
 def test_the_default_reference_is_the_baseline_whatever_its_label_carries():
-    from adacs_lightning.evaluation.report import _comparisons
+    from adacs_lightning.evaluation.compare import _comparisons
 
     groups = [("voxelmorph", "adacs method.lam=0.002"), ("voxelmorph", "baseline method.lam=0.01")]
     assert _comparisons(groups) == [(groups[1], groups[0])]

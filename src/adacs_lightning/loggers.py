@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import netrc
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
@@ -100,6 +101,49 @@ def log_backbone_artifact(
             artifact = wandb.Artifact(name=name, type="model", metadata=details)
             artifact.add_file(checkpoint_path)
             logger.experiment.log_artifact(artifact)
+
+
+def finish_run(
+    trainer: L.Trainer,
+    hyperparameters: Mapping[str, Any],
+    summary: Mapping[str, Any] | None = None,
+    chosen_by: Mapping[str, Any] | None = None,
+) -> None:
+    """The loggers' end of a run, finished or failed: results and artefacts on rank zero, then W&B closed.
+
+    With a ``summary`` (the run's ``summary.json``: ``backbone``, the file of the selected
+    backbone; ``ranked_by``, ``best_score``; ``metrics``, the final metrics), the backbone is logged
+    as a W&B artifact (``chosen_by``: how its checkpoint was chosen) and TensorBoard's HParams table
+    gets the run's ``hyperparameters`` (its resolved config) next to its best and final validation
+    metrics. None (training failed) logs neither. W&B is closed in any case, so that a multirun's
+    next job starts cleanly.
+    """
+    try:
+        if summary is not None and trainer.is_global_zero:
+            log_backbone_artifact(trainer.loggers, summary["backbone"], metadata=dict(chosen_by or {}))
+            _hyperparameters_with_results(trainer.loggers, hyperparameters, summary)
+    finally:
+        _finish_wandb(trainer)
+
+
+def _hyperparameters_with_results(
+    loggers: Sequence[Logger], hyperparameters: Mapping[str, Any], summary: Mapping[str, Any]
+) -> None:
+    """TensorBoard's HParams table: the run's settings next to its best and final validation metrics."""
+    results = {f"hp/best_{summary['ranked_by'] or 'metric'}": summary["best_score"]}
+    results.update({f"hp/final_{k}": v for k, v in summary["metrics"].items() if k.startswith("val/")})
+    results = {k.replace("/", "_").replace("hp_", "hp/", 1): v for k, v in results.items() if v is not None}
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(dict(hyperparameters), metrics=results)
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """Close the W&B run (exit code 1 when training did not finish)."""
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish(exit_code=0 if trainer.state.status.value == "finished" else 1)
 
 
 class HistoryCSVLogger(CSVLogger):

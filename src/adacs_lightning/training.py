@@ -25,7 +25,7 @@ from .checkpoint import BACKBONE_CONFIG_KEY, save_backbone
 from .checkpoint_io import UnreadableCheckpoint, read_checkpoint
 from .configs import backbone_dims, backbone_network, check_epochs, describe_backbone, options_with_key
 from .errors import AdaCSError, ConfigError
-from .loggers import HistoryCSVLogger, define_summaries, log_backbone_artifact
+from .loggers import HistoryCSVLogger, define_summaries, finish_run
 
 log = logging.getLogger("adacs_lightning")
 
@@ -164,9 +164,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # from here on each rank draws its own random numbers.
     L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
 
+    summary, chosen_by = None, None
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        summary = _summarise(trainer, cfg, output_dir)
+        summary, chosen_by = _summarise(trainer, cfg, output_dir)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise AdaCSError(
@@ -176,7 +177,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             ) from error
         raise
     finally:
-        _finish_wandb(trainer)
+        finish_run(trainer, OmegaConf.to_container(cfg, resolve=True), summary, chosen_by)
     return summary["metrics"]
 
 
@@ -261,8 +262,11 @@ def equal_budget(cfg: DictConfig, model: Any) -> dict[str, int]:
     return {"max_epochs": int(epochs) + idle}
 
 
-def _summarise(trainer: L.Trainer, cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Write ``summary.json`` and ``backbone.pt`` (the selected checkpoint's backbone alone) on rank zero."""
+def _summarise(trainer: L.Trainer, cfg: DictConfig, output_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Write ``summary.json`` and ``backbone.pt`` (the selected checkpoint's backbone alone) on rank zero.
+
+    Returns the summary and how the saved backbone's checkpoint was chosen (None when none was saved).
+    """
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     checkpoint = checkpoint or trainer.checkpoint_callback
@@ -279,17 +283,16 @@ def _summarise(trainer: L.Trainer, cfg: DictConfig, output_dir: Path) -> dict[st
     final = cfg.get("final_checkpoint", "best")
     preferred = ("best_checkpoint", "last_checkpoint") if final == "best" else ("last_checkpoint", "best_checkpoint")
     summary["selected_checkpoint"] = summary[preferred[0]] or summary[preferred[1]]
+    chosen_by = None
     if not trainer.is_global_zero:
-        return summary
+        return summary, chosen_by
     source = summary["selected_checkpoint"]
     if source:
         summary["backbone"] = str(save_backbone(source, output_dir / "backbone.pt"))
         chosen_by = {"selected": final, "from_checkpoint": Path(source).name}
         if final == "best" and summary["best_score"] is not None:
             chosen_by.update({"metric": summary["ranked_by"], "value": summary["best_score"]})
-        log_backbone_artifact(trainer.loggers, summary["backbone"], metadata=chosen_by)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _hyperparameters_with_results(trainer, cfg, summary)
     log.info("Run folder: %s", output_dir)
     if summary["best_checkpoint"]:
         log.info(
@@ -298,24 +301,4 @@ def _summarise(trainer: L.Trainer, cfg: DictConfig, output_dir: Path) -> dict[st
             summary["best_score"] or float("nan"),
             summary["best_checkpoint"],
         )
-    return summary
-
-
-def _hyperparameters_with_results(trainer: L.Trainer, cfg: DictConfig, summary: dict[str, Any]) -> None:
-    """TensorBoard's HParams table: the run's settings next to its best and final validation metrics."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    results = {f"hp/best_{summary['ranked_by'] or 'metric'}": summary["best_score"]}
-    results.update({f"hp/final_{k}": v for k, v in summary["metrics"].items() if k.startswith("val/")})
-    results = {k.replace("/", "_").replace("hp_", "hp/", 1): v for k, v in results.items() if v is not None}
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True), metrics=results)
-
-
-def _finish_wandb(trainer: L.Trainer) -> None:
-    """Close the W&B run even when training failed, so that a multirun's next job starts cleanly."""
-    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
-        import wandb
-
-        wandb.finish(exit_code=0 if trainer.state.status.value == "finished" else 1)
+    return summary, chosen_by

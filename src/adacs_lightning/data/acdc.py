@@ -24,12 +24,11 @@ from monai.transforms import Compose, EnsureChannelFirstd, Spacingd
 
 from ..errors import ConfigError
 from .bad_cases import DataError, skip_or_raise
-from .base import FileDataModule, as_size, require_folder
+from .base import ReleasedDataModule
 from .io import LoadFilesd, read_cfg
 from .pairs import Catalog, PairSpec, Unit, split_ids
 from .recipe import GridRecipe
 from .transforms import (
-    INTENSITY_MODES,
     CheckShapesd,
     CheckValuesd,
     CropAroundCentroidd,
@@ -60,7 +59,7 @@ def frame_file(folder: Path, frame: int, label: bool) -> Path:
     return path if path.exists() or not (folder / f"{stem}.nii").exists() else folder / f"{stem}.nii"
 
 
-class ACDCDataModule(FileDataModule):
+class ACDCDataModule(ReleasedDataModule):
     """ACDC ED→ES short-axis slice pairs, ``(1, image_size, image_size)`` per image.
 
     Per patient, both frames are resampled in-plane to ``spacing`` mm (slices kept), scaled to
@@ -85,6 +84,8 @@ class ACDCDataModule(FileDataModule):
 
     dataset_name = "acdc"
     label_names = LABEL_NAMES
+    only_dims = (2, "ACDC is read as 2D short-axis slice pairs", "Use data.spatial_dims=2 (and a 2D backbone).")
+    root_holds = "the ACDC folder (holding training/ and testing/)"
 
     def __init__(
         self,
@@ -97,29 +98,20 @@ class ACDCDataModule(FileDataModule):
         intensity: str = "percentile",
         **loading: Any,
     ) -> None:
-        super().__init__(spatial_dims, **{"eval_labels": (MYOCARDIUM,), "val_fraction": 0.2, **loading})
-        if spatial_dims != 2:
-            raise ConfigError(
-                "spatial_dims",
-                f"ACDC is read as 2D short-axis slice pairs; got {spatial_dims}.",
-                "Use data.spatial_dims=2 (and a 2D backbone).",
-            )
+        loading = {"eval_labels": (MYOCARDIUM,), "val_fraction": 0.2, **loading}
+        super().__init__(
+            root, spatial_dims, use_labels=use_labels, image_size=image_size, intensity=intensity, **loading
+        )
         if slices not in ("labelled", "all"):
             raise ConfigError("slices", f"must be 'labelled' or 'all', got {slices!r}.")
-        if intensity not in INTENSITY_MODES:
-            raise ConfigError("intensity", f"must be one of {INTENSITY_MODES}, got {intensity!r}.")
         if float(spacing) <= 0:
             raise ConfigError("spacing", f"must be positive (mm), got {spacing}.", "ACDC's is about 1.5 mm.")
-        self.root = root
-        self.image_size = as_size(image_size, 2)
         self.spacing = float(spacing)
         self.slices = slices
-        self.use_labels = bool(use_labels)
-        self.intensity = intensity
 
     # ------------------------------------------------------------------ discovery
     def discover(self) -> Catalog:
-        root = require_folder(self.root, what="the ACDC folder (holding training/ and testing/)")
+        root = self.root_folder()
         training, testing = patient_folders(root / "training"), patient_folders(root / "testing")
         if not training and not testing:
             training = patient_folders(root)

@@ -6,12 +6,14 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from monai.transforms import Compose
 from monai.utils import ensure_tuple_rep
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..choices import INTENSITY_MODES
 from ..errors import ConfigError
 from .bad_cases import BadCase, describe, write_report
 from .pairs import SPLITS, CachedPairs, Catalog, PairSpec
@@ -116,7 +118,7 @@ class FileDataModule(PairDataModule):
 
     Subclasses implement :meth:`discover` (a :class:`Catalog` of units and pairs per split, found
     without reading any image) and :meth:`pipeline` (the deterministic MONAI transforms of a unit),
-    and take the loading settings below as keyword arguments passed on unchanged.
+    and take the settings below as keyword arguments passed on unchanged.
     ``setup`` preprocesses the units of the needed splits once (``CacheDataset``), skips unusable
     cases with a warning (or raises when ``strict``), and writes ``splits.json`` and
     ``skipped_cases.json`` to ``output_dir``.
@@ -132,11 +134,16 @@ class FileDataModule(PairDataModule):
         strict: stop at the first unusable case instead of skipping it.
         output_dir: the run folder for ``splits.json`` / ``skipped_cases.json`` (None: not written).
         cache_workers: threads that read and preprocess the files.
+        image_size: the size every image is brought to (voxels, one per axis or an int for all);
+            None keeps the files' size where the data set allows it.
+        intensity: scaling of each image to [0, 1]: ``minmax`` or ``percentile`` (1st–99th, clipped).
     """
 
     dataset_name = "files"
     #: The setting that says where the data is: named when none of it can be used.
     location_setting = "data.root"
+    #: ``(dims, what the data is, fix)`` for a data set read in one dimensionality only; None: 2 or 3.
+    only_dims: tuple[int, str, str] | None = None
 
     def __init__(
         self,
@@ -154,6 +161,8 @@ class FileDataModule(PairDataModule):
         strict: bool = False,
         output_dir: str | None = None,
         cache_workers: int = 1,
+        image_size: int | Sequence[int] | None = None,
+        intensity: str = "minmax",
     ) -> None:
         super().__init__(spatial_dims, batch_size, num_workers, seed, eval_labels)
         self.max_pairs = {"train": train_pairs, "val": val_pairs, "test": test_pairs}
@@ -166,6 +175,13 @@ class FileDataModule(PairDataModule):
         self.cache_workers = int(cache_workers)
         self.catalog: Catalog | None = None
         self.bad_cases: list[BadCase] = []
+        if self.only_dims is not None and spatial_dims != self.only_dims[0]:
+            _, what, fix = self.only_dims
+            raise ConfigError("spatial_dims", f"{what}; got {spatial_dims}.", fix)
+        if intensity not in INTENSITY_MODES:
+            raise ConfigError("intensity", f"must be one of {INTENSITY_MODES}, got {intensity!r}.")
+        self.image_size = as_size(image_size, self.spatial_dims)
+        self.intensity = intensity
 
     # ------------------------------------------------------------------ to implement
     def discover(self) -> Catalog:
@@ -262,6 +278,30 @@ class FileDataModule(PairDataModule):
             "pairs": {split: len(self.catalog.pairs.get(split, [])) for split in SPLITS},
         }
         (self.output_dir / "splits.json").write_text(json.dumps(content, indent=2))
+
+
+class ReleasedDataModule(FileDataModule):
+    """A published data set unpacked under one folder (``root``), whose label maps may be left out.
+
+    Args:
+        root: the data set's folder; checked (with :attr:`root_holds` in the message) when the
+            data is first discovered (:meth:`root_folder`).
+        use_labels: load the label maps (a case without them is skipped); false trains on images
+            alone (no Dice).
+        Others: see :class:`FileDataModule`.
+    """
+
+    #: What ``root`` must point at, for messages.
+    root_holds = "the data set"
+
+    def __init__(self, root: str | None, spatial_dims: int = 2, *, use_labels: bool = True, **loading: Any) -> None:
+        super().__init__(spatial_dims, **loading)
+        self.root = root
+        self.use_labels = bool(use_labels)
+
+    def root_folder(self) -> Path:
+        """``root`` as a folder that exists, or a :class:`ConfigError` naming ``data.root``."""
+        return require_folder(self.root, what=self.root_holds)
 
 
 def require_folder(root: str | Path | None, setting: str = "data.root", what: str = "the data set") -> Path:

@@ -30,7 +30,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, Transposed
 
 from ..errors import ConfigError
 from .bad_cases import BadCase, DataError, skip_or_raise
-from .base import FileDataModule, as_size, require_folder
+from .base import ReleasedDataModule
 from .io import LoadFilesd, read_cfg
 from .pairs import Catalog, PairSpec, Unit, split_ids
 from .recipe import GridRecipe
@@ -55,7 +55,7 @@ _PATIENT = re.compile(r"patient\d+")
 _SPLIT_FILES = {"train": "subgroup_training.txt", "val": "subgroup_validation.txt", "test": "subgroup_testing.txt"}
 
 
-class CAMUSDataModule(FileDataModule):
+class CAMUSDataModule(ReleasedDataModule):
     """CAMUS ED→ES pairs per patient and view, ``(1, H, W)`` = ``image_size``, with the sector as ``mask``.
 
     Each frame is scaled to [0, 1] (min–max). The field-of-view mask is derived from the non-zero
@@ -81,6 +81,8 @@ class CAMUSDataModule(FileDataModule):
 
     dataset_name = "camus"
     label_names = LABEL_NAMES
+    only_dims = (2, "CAMUS frames are 2D images", "Use 2.")
+    root_holds = "the CAMUS folder (holding database_nifti/ or training/)"
 
     def __init__(
         self,
@@ -95,23 +97,21 @@ class CAMUSDataModule(FileDataModule):
         intensity: str = "minmax",
         **loading: Any,
     ) -> None:
-        super().__init__(spatial_dims, **{"eval_labels": (MYOCARDIUM,), **loading})
         if intensity != "minmax":
             raise ConfigError(
                 "intensity", f"CAMUS frames are min–max scaled (the sector threshold assumes it); got {intensity!r}."
             )
-        if spatial_dims != 2:
-            raise ConfigError("spatial_dims", f"CAMUS frames are 2D images; got {spatial_dims}.", "Use 2.")
+        loading = {"eval_labels": (MYOCARDIUM,), **loading}
+        super().__init__(
+            root, spatial_dims, use_labels=use_labels, image_size=image_size, intensity=intensity, **loading
+        )
         views = [str(v).upper() for v in views]
         if not views or any(v not in VIEWS for v in views):
             raise ConfigError("views", f"must be a non-empty list of {VIEWS}, got {views}.", "E.g. [2CH, 4CH].")
         qualities = [str(q).capitalize() for q in image_quality]
         if not qualities or any(q not in QUALITIES for q in qualities):
             raise ConfigError("image_quality", f"must list some of {QUALITIES}, got {list(image_quality)}.")
-        self.root = root
-        self.image_size = as_size(image_size, 2)
         self.views, self.qualities = views, qualities
-        self.use_labels = bool(use_labels)
         self.sector_threshold, self.sector_closing = float(sector_threshold), int(sector_closing)
 
     # ------------------------------------------------------------------ discovery
@@ -122,7 +122,7 @@ class CAMUSDataModule(FileDataModule):
         or, with ``use_labels``, a ``testing/`` patient of the first release, which ships without
         ``_gt`` files) are left out of the split, so that they do not shrink val/test.
         """
-        root = require_folder(self.root, what="the CAMUS folder (holding database_nifti/ or training/)")
+        root = self.root_folder()
         folders = []
         for parent in (root / "database_nifti", root / "training", root / "testing", root):
             if parent.is_dir():

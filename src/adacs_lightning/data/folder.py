@@ -20,12 +20,11 @@ from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, ResizeW
 
 from ..errors import ConfigError
 from .bad_cases import BadCase, DataError, skip_or_raise
-from .base import FileDataModule, as_size, as_spacing
+from .base import FileDataModule, as_spacing
 from .io import LoadFilesd
 from .pairs import SPLITS, Catalog, PairSpec, Unit, split_ids
 from .recipe import GridRecipe
 from .transforms import (
-    INTENSITY_MODES,
     CheckShapesd,
     CheckValuesd,
     Finalised,
@@ -89,17 +88,13 @@ class FolderDataModule(FileDataModule):
         intensity: str = "minmax",
         **loading: Any,
     ) -> None:
-        super().__init__(spatial_dims, **loading)
-        if intensity not in INTENSITY_MODES:
-            raise ConfigError("intensity", f"must be one of {INTENSITY_MODES}, got {intensity!r}.")
+        super().__init__(spatial_dims, image_size=image_size, intensity=intensity, **loading)
         self.csv = csv
-        self.image_size = as_size(image_size, self.spatial_dims)
         self.resize = bool(resize)
         if resize and self.image_size is None:
             raise ConfigError("resize", "is true but data.image_size is not set.", "Set data.image_size, e.g. 128.")
         self.spacing = as_spacing(spacing, self.spatial_dims)
         self.orientation = orientation
-        self.intensity = intensity
         self.columns: list[str] = []
 
     # ------------------------------------------------------------------ discovery

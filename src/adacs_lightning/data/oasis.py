@@ -24,12 +24,11 @@ from monai.transforms import Compose, EnsureChannelFirstd, Orientationd, ResizeW
 
 from ..errors import ConfigError
 from .bad_cases import BadCase, DataError, skip_or_raise
-from .base import FileDataModule, as_size, as_spacing, require_folder
+from .base import ReleasedDataModule, as_spacing
 from .io import LoadFilesd
 from .pairs import Catalog, PairSpec, Unit, split_ids
 from .recipe import GridRecipe
 from .transforms import (
-    INTENSITY_MODES,
     CheckShapesd,
     CheckValuesd,
     Finalised,
@@ -47,7 +46,7 @@ def consecutive_pairs(subjects: Sequence[str]) -> list[tuple[str, str]]:
     return list(zip(ordered[:-1], ordered[1:]))
 
 
-class OASISDataModule(FileDataModule):
+class OASISDataModule(ReleasedDataModule):
     """OASIS inter-subject pairs: ``source`` the moving subject, ``target`` the fixed one, ``(1, X, Y, Z)``.
 
     Each subject is loaded once (then shared by all its pairs), reoriented to ``orientation``,
@@ -67,6 +66,8 @@ class OASISDataModule(FileDataModule):
     """
 
     dataset_name = "oasis"
+    only_dims = (3, "OASIS volumes are 3D", "Use 3 (and a 3D backbone).")
+    root_holds = "the Learn2Reg OASIS folder (holding imagesTr/)"
 
     def __init__(
         self,
@@ -80,23 +81,17 @@ class OASISDataModule(FileDataModule):
         use_masks: bool = True,
         **loading: Any,
     ) -> None:
-        super().__init__(spatial_dims, **{"batch_size": 1, **loading})
-        if spatial_dims != 3:
-            raise ConfigError(
-                "spatial_dims", f"OASIS volumes are 3D; got {spatial_dims}.", "Use 3 (and a 3D backbone)."
-            )
-        if intensity not in INTENSITY_MODES:
-            raise ConfigError("intensity", f"must be one of {INTENSITY_MODES}, got {intensity!r}.")
-        self.root = root
-        self.image_size = as_size(image_size, 3)
+        loading = {"batch_size": 1, **loading}
+        super().__init__(
+            root, spatial_dims, use_labels=use_labels, image_size=image_size, intensity=intensity, **loading
+        )
         self.spacing = as_spacing(spacing, 3)
         self.orientation = orientation
-        self.intensity = intensity
-        self.use_labels, self.use_masks = bool(use_labels), bool(use_masks)
+        self.use_masks = bool(use_masks)
 
     # ------------------------------------------------------------------ discovery
     def discover(self) -> Catalog:
-        root = require_folder(self.root, what="the Learn2Reg OASIS folder (holding imagesTr/)")
+        root = self.root_folder()
         images = sorted((root / "imagesTr").glob("OASIS_*.nii*")) if (root / "imagesTr").is_dir() else []
         if not images:
             raise ConfigError(

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from .bad_cases import BadCase, skip_or_raise
-from .transforms import Guard
+from .checks import Guard
 
 SPLITS = ("train", "val", "test")
 

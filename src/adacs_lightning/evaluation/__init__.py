@@ -1,7 +1,8 @@
 """Evaluation of trained registration networks: per-case metrics, summaries and paired comparisons."""
 
 from .cases import METRICS, CaseEvaluator, iterate_pairs
-from .report import Report, compare, evaluate, evaluate_run, summarise
+from .compare import compare, summarise
+from .report import Report, evaluate, evaluate_run
 from .runs import Run, data_config, data_key, resolve_run
 from .stats import PairedTest, mean_std, paired_test
 

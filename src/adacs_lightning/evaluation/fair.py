@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 
 from ..errors import AdaCSError
 from ..figures import save_figure
-from .report import Report, compare, evaluate_run, resolve_device, summarise, write_reports
+from .compare import compare, summarise
+from .report import Report, evaluate_run, resolve_device, write_reports
 from .runs import Run, data_config, differing_overrides, resolve_run
 from .stats import mean_std
 from .tables import format_mean_std, markdown_table, write_csv
