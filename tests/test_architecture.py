@@ -55,7 +55,15 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "interface": ("cli", ""),
 }
 #: (importer, imported) prefixes that are refused whatever their layers.
-FORBIDDEN = (("evaluation", "callbacks"),)
+FORBIDDEN = (
+    ("evaluation", "callbacks"),
+    # Refinement, registration and evaluation read a run's settings from the run, never training's defaults.
+    ("evaluation", "methods.settings"),
+    ("refine", "methods.settings"),
+    ("registration", "methods.settings"),
+)
+#: The most lines a module of src/ and a class may have (a longer one holds a second concept).
+MAX_FILE_LINES, MAX_CLASS_LINES = 400, 200
 ORDER = list(LAYERS)
 
 
@@ -158,3 +166,18 @@ def test_methods_read_as_outlines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
                 long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert long == [], "\n".join(long)
+
+
+def test_modules_and_classes_stay_small():
+    """No file of src/ over :data:`MAX_FILE_LINES` lines and no class over :data:`MAX_CLASS_LINES`."""
+    large = []
+    for path in sorted(SOURCE.rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > MAX_FILE_LINES:
+            large.append(f"{path.relative_to(SOURCE)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                large.append(
+                    f"{path.relative_to(SOURCE)}:{node.lineno} class {node.name}: {node.end_lineno - node.lineno + 1} lines"
+                )
+    assert large == [], "\n".join(large)

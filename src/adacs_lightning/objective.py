@@ -121,6 +121,19 @@ class BackboneObjective(nn.Module):
         lam: weight ``λ`` of the smoothness penalty.
         smoothness_on: ``"displacement"`` or ``"velocity"`` (the field before integration, on its grid).
         label_weight: weight of a MONAI Dice loss between warped source and target labels (0: off).
+
+    Example::
+
+        >>> import torch
+        >>> from adacs_lightning.backbones import RegistrationOutput
+        >>> from adacs_lightning.objective import BackboneObjective
+        >>> from adacs_lightning.similarity import SquaredError
+        >>> objective = BackboneObjective(SquaredError(), lam=0.05)
+        >>> source, target = torch.rand(2, 1, 1, 16, 16).unbind(0)
+        >>> directions = objective.directions(source, target, RegistrationOutput(torch.zeros(1, 2, 16, 16)))
+        >>> loss, data, logs = objective(directions, [None], None)  # Ŝ ≡ 1: the plain backbone's loss
+        >>> bool(torch.isclose(loss, ((source - target) ** 2).mean()))
+        True
     """
 
     def __init__(

@@ -21,10 +21,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ..devices import resolve_device
 from ..errors import AdaCSError
 from ..figures import save_figure
 from .compare import compare, summarise
-from .report import Report, evaluate_run, resolve_device, write_reports
+from .report import Report, evaluate_run, write_reports
 from .runs import Run, data_config, differing_overrides, resolve_run
 from .stats import mean_std
 from .tables import format_mean_std, markdown_table, write_csv

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_backbone, load_method
+from ..devices import resolve_device
 from ..errors import AdaCSError, ConfigError
 from .axes import arm_label, arm_overrides, axis_markdown, axis_tables, parameter_plot
 from .cases import CaseEvaluator, iterate_pairs
@@ -35,18 +36,6 @@ class Report:
     table: list[dict[str, Any]] = field(default_factory=list)
     tests: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ConfigError("device", f"'{device}' is not a device ({error}).", "Use auto, cpu or cuda.") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", "CUDA is not available on this machine.", "Use --device cpu.")
-    return resolved
 
 
 @dataclass

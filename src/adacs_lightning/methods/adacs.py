@@ -7,6 +7,17 @@ scorer's update. The scorer's target and its calibration are a
 :class:`~adacs_lightning.methods.scorer_terms.ScorerTerms`. The authors' code's recipe (its leak,
 per-epoch momentum, recomputed residuals) is :class:`~adacs_lightning.methods.reference.ReferenceAdaCS`,
 built on this one through the hooks listed under *Extension points*.
+
+Example (wrapping a network in one line; Lightning trains it)::
+
+    >>> import torch
+    >>> from adacs_lightning import AdaCS, voxelmorph
+    >>> model = AdaCS(voxelmorph(spatial_dims=2, channels=[4, 8, 8, 8], unet_out_channels=8, final_conv_channels=[8]))
+    >>> source, target = torch.rand(2, 1, 1, 32, 32).unbind(0)
+    >>> model.backbone(source, target).shape  # the displacement, voxels
+    torch.Size([1, 2, 32, 32])
+    >>> model.scorer(target).shape  # the score map Ŝ in [0, 1]
+    torch.Size([1, 1, 32, 32])
 """
 
 from __future__ import annotations
