@@ -180,3 +180,17 @@ def test_the_label_term_handles_large_label_values_pair_by_pair():
     alone = refiner.refine(moving[:1], fixed[:1], torch.zeros(1, 2, 32, 32), None, labels[0][:1], labels[1][:1])
     torch.testing.assert_close(alone.ddf, batched.ddf[:1], atol=1e-5, rtol=1e-4)
     assert batched.objective_after[0] < batched.objective_before[0]
+
+
+def test_one_rule_decides_the_weights_and_refuses_a_score_without_a_scorer():
+    from adacs_lightning import AdaCS
+    from adacs_lightning.errors import AdaCSError
+
+    from .helpers.training import tiny_backbone
+
+    scored, plain = AdaCS(tiny_backbone()), AdaCS(tiny_backbone(), scoring=False)
+    assert Refiner.from_module(scored).weights == "score" and Refiner.from_module(plain).weights == "none"
+    assert Refiner.from_module(scored, "none").scorer is None
+    assert Refiner.from_module(scored).objective is scored.objective  # training's objective, not a copy
+    with pytest.raises(AdaCSError, match="needs a run with a scorer"):
+        Refiner.from_module(plain, "score")

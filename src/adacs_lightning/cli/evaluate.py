@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine", type=int, default=0, metavar="N", help="also evaluate each run with N steps of per-pair refinement"
     )
     parser.add_argument(
-        "--refine-weights", choices=REFINE_WEIGHTS, default=None, help="score (AdaCS runs' default) or none"
+        "--refine-weights",
+        choices=REFINE_WEIGHTS,
+        default=None,
+        help="score (every run must have a scorer) or none; default: score for runs with a scorer (AdaCS), none otherwise",
     )
     parser.add_argument(
         "--refine-lr", type=finite_float, default=None, help="refinement's learning rate, voxels per step"

@@ -184,12 +184,9 @@ def _refiner(loaded: LoadedRun, refine: Mapping[str, Any], device):
         raise AdaCSError(
             f"--refine needs the run folder of {loaded.run.label} to rebuild its objective (similarity, λ, scorer)."
         )
-    has_scorer = getattr(loaded.module, "scorer", None) is not None
-    weights = refine.get("weights") or ("score" if has_scorer else "none")
-    if weights == "score" and not has_scorer:
-        weights = "none"  # a run without a score map refines with Ŝ ≡ 1
     settings = {k: refine[k] for k in ("lr", "grid") if refine.get(k) is not None}
-    refiner = Refiner.from_module(loaded.module, weights, steps=int(refine["steps"]), **settings)
+    # Refiner.from_module decides the weights (score for a run with a scorer) and refuses score without one.
+    refiner = Refiner.from_module(loaded.module, refine.get("weights"), steps=int(refine["steps"]), **settings)
     if refiner.scorer is not None:
         refiner.scorer.to(device)
     return refiner
