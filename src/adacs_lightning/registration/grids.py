@@ -164,8 +164,5 @@ def _through_recipe(array: np.ndarray, affine: np.ndarray, recipe: GridRecipe, k
     if recipe.size:
         if len(recipe.size) != ndim:
             raise AdaCSError(f"The run resizes images to {recipe.size}, which does not fit a {ndim}D image.")
-        anti_aliasing = kind == "image"
-        image = Resize(
-            tuple(recipe.size), mode=resize_mode if kind == "label" else "bilinear", anti_aliasing=anti_aliasing
-        )(image)
+        image = Resize(tuple(recipe.size), mode=resize_mode, anti_aliasing=kind == "image")(image)
     return image
