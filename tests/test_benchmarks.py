@@ -82,3 +82,17 @@ def test_refine_study_tiny_mode_compares_three_arms(tmp_path):
     }
     assert "| score vs plain | dice |" in (out / "results.md").read_text()
     assert len(list((out / "models").glob("*.pt"))) == 1  # the trained model is kept for reruns
+
+
+@pytest.mark.slow
+def test_maps_figure_tool_registers_a_runs_test_pairs_and_draws_them(tmp_path):
+    from .helpers.runs import make_run_folder
+
+    run = make_run_folder(tmp_path / "run", method="adacs")
+    figure = tmp_path / "maps.png"
+    command = [sys.executable, str(BENCHMARKS.parent / "tools" / "maps_figure.py"), "--run", str(run)]
+    command += ["--out", str(tmp_path / "maps"), "--pairs", "2", "--figure", str(figure)]
+    result = run_command(command, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert figure.stat().st_size > 10_000 and result.stdout.count("flag ") == 2
+    assert (tmp_path / "maps" / "pair1" / "score.nii.gz").exists()

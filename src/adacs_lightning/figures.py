@@ -32,9 +32,11 @@ FIGURE_COLUMNS = (
     ("warped", "warped source", "gray", "intensity"),
     ("displacement", "displacement $|u|$ and grid", "viridis", "|u| (mm)"),
     ("error", "error $|I_t - I_s\\circ\\phi|$", "magma", "|error|"),
-    ("score", "score $\\hat S$", "viridis", "score (0 to 1)"),
+    ("score", "score $\\hat S$ over the target", "viridis", "score (0 to 1)"),
     ("reweighted error", "re-weighted error $\\hat S|e|$", "magma", "|error|"),
 )
+#: Opacity of the score map drawn over the target.
+SCORE_ALPHA = 0.6
 #: The panels of :func:`registration_panels`, left to right.
 PANELS = ("source", "target", "warped", "error", "score", "reweighted error", "displacement")
 
@@ -225,7 +227,7 @@ def draw_registration(
 
     ``pairs`` are :func:`panel_tensors` dicts. Columns: source, target
     and warped source (intensity), the displacement's magnitude in mm under the deformed grid
-    ``x + u(x)`` (every 4 voxels), the error ``|I_t − I_s∘φ|``, the score map ``Ŝ`` (0 to 1) and the
+    ``x + u(x)`` (every 4 voxels), the error ``|I_t − I_s∘φ|``, the score map ``Ŝ`` (0 to 1) over the target and the
     re-weighted error on the error's scale. A scale bar in mm sits on the source; each row is titled
     with its case, the figure with the ``split`` and the epoch; the caption states the orientation.
     A pair with ``scored`` False (a method without a scorer) says so on its score panel.
@@ -258,7 +260,11 @@ def draw_registration(
                 vmin, vmax = 0.0, max(float(panels[key].max()), 1e-6)
             else:
                 vmin, vmax = limits.get(key) or (0.0, 1.0)
-            image = ax.imshow(panels[key], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            overlay = {}
+            if key == "score":  # over the target, so where Ŝ falls reads against the anatomy
+                ax.imshow(panels["target"], cmap="gray", interpolation="nearest")
+                overlay = {"alpha": SCORE_ALPHA}
+            image = ax.imshow(panels[key], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", **overlay)
             bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
             bar.set_label(unit, fontsize=7)
             bar.ax.tick_params(labelsize=6)

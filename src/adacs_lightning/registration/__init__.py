@@ -14,7 +14,7 @@ Example (a network and two NIfTI files made on the spot; with a trained run,
     >>> network = voxelmorph(spatial_dims=2, channels=[4, 8, 8, 8], unet_out_channels=8, final_conv_channels=[8])
     >>> model = RegistrationModel(network, Path("untrained"), torch.device("cpu"), maps=("jacobian",))
     >>> result = register_pair(model, PairSettings(), folder / "source.nii.gz", folder / "target.nii.gz", folder / "out")
-    >>> sorted(result.files)[:3], result.record["quality"]["flag"] in ("ok", "check")
+    >>> sorted(result.files)[:3], result.record["quality"]["flag"] in ("ok", "review")
     (['displacement', 'displacement_voxels', 'inverse_displacement'], True)
 
 ``adacs-register`` is this package's console front; tests/test_register.py runs the example on files it writes.
