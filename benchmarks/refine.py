@@ -9,6 +9,7 @@ median over rounds, printed with its ratio to the network's forward pass alone (
     python benchmarks/refine.py                       # CPU, 2D 128² and 3D 64³, N = 0 … 200
     python benchmarks/refine.py --device cuda --batch 8
     python benchmarks/refine.py --steps 0 25 --sizes 2:64 --repeats 1   # seconds
+    python benchmarks/refine.py --steps 0 50 --grids 4 --sizes 2:128 3:64 3:128 --batch 8 --threads 1
 """
 
 from __future__ import annotations
@@ -84,14 +85,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1, help="pairs refined at once")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, every core)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for spec in args.sizes:
         ndim, size = (int(v) for v in spec.split(":"))
         rows += measure(ndim, size, args.steps, args.grids, args.batch, args.repeats, device)
-    print(f"device {device}, {args.batch} pair(s) at once, median of {args.repeats} interleaved rounds")
+    print(
+        f"device {device}, {torch.get_num_threads()} thread(s), {args.batch} pair(s) at once, median of "
+        f"{args.repeats} interleaved rounds"
+    )
     print("| image | N steps | grid | s / pair | × network alone | objective: network → refined |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -9,7 +9,8 @@ with ``torch.cuda.max_memory_allocated`` on a GPU. Inference compares the export
 backbone with a bare copy of the network.
 
     python benchmarks/step_time.py                          # VoxelMorph (1/16), 2D 128², batch 8
-    python benchmarks/step_time.py --spatial-dims 3 --size 64 --batch 1
+    python benchmarks/step_time.py --spatial-dims 3 --size 64 --batch 1 --only "joint, unet scorer (reuse)" \
+        "joint, unet, shift-min (default)" "joint, unet, shift-min radius 1"    # and --size 96
     python benchmarks/step_time.py --device cuda --precision bf16-mixed
 """
 
@@ -150,6 +151,7 @@ def variants(args) -> list[Variant]:
         Variant("adacs warm-up B", Phase.WARMUP_SCORER),
         Variant("joint, unet scorer (reuse)", Phase.JOINT),
         Variant("joint, unet, shift-min (default)", Phase.JOINT, default=True),
+        Variant("joint, unet, shift-min radius 1", Phase.JOINT, default=True, settings=dict(shift_radius=1)),
         Variant("joint, unet, shift-min, mean level", Phase.JOINT, default=True, settings=dict(calibration="data")),
         Variant(
             "joint, unet, dead zone + inliers kept",

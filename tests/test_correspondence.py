@@ -285,13 +285,30 @@ def test_validation_logs_where_the_score_falls_for_methods_with_a_map(strong_dat
     assert not any(k in logged[False] for k in ("val/auroc", "val/score_nocorr"))  # Ŝ ≡ 1: nothing to localise
 
 
+def _average_pool(residual, patch):
+    """The box mean as average pooling computes it, the padding not counted (independent of :func:`patch_mean`)."""
+    if patch == 1:
+        return residual
+    pool = torch.nn.functional.avg_pool2d if residual.ndim == 4 else torch.nn.functional.avg_pool3d
+    return pool(residual, kernel_size=patch, stride=1, padding=patch // 2, count_include_pad=False)
+
+
 def _shift_min_one_by_one(similarity, warped, fixed, mask, radius, patch):
-    """The definition: each shift padded on its own (:func:`shifted`), pooled on its own, folded by a minimum."""
+    """The definition: each shift padded on its own (:func:`shifted`), average-pooled on its own, folded by a minimum."""
     best = None
     for offset in integer_shifts(warped.ndim - 2, radius):
-        candidate = patch_mean(similarity(shifted(warped, offset), fixed, mask), patch)
+        candidate = _average_pool(similarity(shifted(warped, offset), fixed, mask), patch)
         best = candidate if best is None else torch.minimum(best, candidate)
     return best
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("patch", [1, 3, 5, 7])
+def test_patch_mean_is_average_pooling_without_the_padding(spatial_dims, patch):
+    residual = torch.rand((2, 1) + (8,) * spatial_dims)
+    torch.testing.assert_close(patch_mean(residual, patch), _average_pool(residual, patch))
+    with pytest.raises(ValueError, match="odd"):
+        patch_mean(residual, 2)
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

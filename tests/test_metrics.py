@@ -26,6 +26,22 @@ def test_jacobian_of_affine_field():
     assert folding_percentage(ddf).item() == 0.0
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_the_written_out_determinant_equals_lu_on_random_fields_and_in_its_gradient(ndim):
+    torch.manual_seed(ndim)
+    ddf = (2.0 * torch.randn((2, ndim) + (6,) * ndim, dtype=torch.float64)).requires_grad_()
+    gradients = torch.gradient(ddf, dim=tuple(range(2, ddf.ndim)))
+    jac = torch.stack(gradients, dim=-1).movedim(1, -2) + torch.eye(ndim, dtype=ddf.dtype)
+    by_lu = torch.linalg.det(jac)  # (B, *spatial): LU per voxel
+    written = jacobian_determinant(ddf.float())
+    torch.testing.assert_close(written, by_lu.float(), rtol=1e-4, atol=1e-4)
+    assert (by_lu <= 0).any() and (by_lu > 0).any()  # both signs: folding is judged right too
+    weights = torch.randn_like(by_lu)
+    (grad_lu,) = torch.autograd.grad((by_lu * weights).sum(), ddf)
+    (grad_written,) = torch.autograd.grad((jacobian_determinant(ddf) * weights).sum(), ddf)
+    torch.testing.assert_close(grad_written, grad_lu)
+
+
 def test_jacobian_3d_identity_and_folding():
     ddf = torch.zeros(1, 3, 5, 5, 5)
     assert torch.allclose(jacobian_determinant(ddf), torch.ones(1, 5, 5, 5))

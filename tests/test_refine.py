@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -125,6 +126,36 @@ def test_register_refine_writes_fields_simpleitk_applies_and_records_the_objecti
     assert record["objective_after"] <= record["objective_before"] and record["seconds"] > 0
     assert record["folding_pct_after"] <= max(record["folding_pct_before"], 0.0) + 1e-9
     assert_simpleitk_reproduces(paths["source"], paths["target"], files, tmp_path / "sitk_warped.nii.gz")
+
+
+def test_a_folder_refined_in_batches_gives_each_pair_the_field_it_gets_alone(tmp_path, run_folder):
+    """--csv --refine: pairs of one size are refined together (``pairs_in_batch``); each pair's field equals the
+    one it gets refined alone, and a row that cannot be read costs no other row of its batch."""
+    from adacs_lightning.fields import read_voxel_displacement
+
+    from .helpers.fakes import make_folder
+
+    csv_path = make_folder(tmp_path / "data", rows=4, shape=(20, 16), formats=(".nii.gz",), split=False)
+    # The second row of the first batch: a target label map on another grid, found once the pair is read.
+    nib.save(nib.Nifti1Image(np.ones((12, 12), np.uint8), np.eye(4)), str(csv_path.parent / "small_gt.nii.gz"))
+    lines = csv_path.read_text().splitlines()
+    lines.insert(2, lines[1].replace("labels/r0_target.nii.gz", "small_gt.nii.gz"))
+    csv_path.write_text("\n".join(lines) + "\n")
+    fields = {}
+    for batch in (3, 1):
+        out = tmp_path / f"batch{batch}"
+        reports = register_cli.run(
+            ["--model", str(run_folder), "--csv", str(csv_path), "--out", str(out), "--device", "cpu"]
+            + ["--refine", "10", "--refine-batch", str(batch), "--maps", "none"]
+        )
+        assert "on the target's grid" in reports["failed"].read_text()
+        cases = sorted(p.name for p in out.iterdir() if p.is_dir())
+        assert len(cases) == 4
+        records = [json.loads((out / c / "registration.json").read_text())["refinement"] for c in cases]
+        assert [r["pairs_in_batch"] for r in records] == ([2, 2, 2, 2] if batch == 3 else [1, 1, 1, 1])
+        fields[batch] = [read_voxel_displacement(out / c / "displacement_voxels.nii.gz") for c in cases]
+    for together, alone in zip(fields[3], fields[1]):
+        np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
 
 
 def test_register_refine_needs_the_run_folder(tmp_path, capsys):

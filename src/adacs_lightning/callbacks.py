@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .figures import PANELS, labelled_strip, momentum_figure, registration_figure, registration_panels, save_png
+from .figures import PANELS, momentum_figure, registration_figure, registration_panels, save_png
 
 
 def log_image(loggers, key: str, image: np.ndarray, step: int, caption: str = "") -> None:
@@ -22,6 +22,18 @@ def log_image(loggers, key: str, image: np.ndarray, step: int, caption: str = ""
             logger.log_image(key=key, images=[image], caption=[caption])
         elif isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(key, image, step, dataformats="HWC" if image.ndim == 3 else "HW")
+
+
+def labelled_strip(strip: np.ndarray, labels: tuple[str, ...], height: int = 14) -> np.ndarray:
+    """``strip`` ``(H, n·W)`` uint8 with a header naming each of its ``n`` columns of panels."""
+    from PIL import Image, ImageDraw
+
+    width = strip.shape[1] // len(labels)
+    header = Image.new("L", (strip.shape[1], height), color=0)
+    draw = ImageDraw.Draw(header)
+    for index, label in enumerate(labels):
+        draw.text((index * width + 2, 1), label[: max(width // 6, 3)], fill=255)
+    return np.concatenate([np.asarray(header, dtype=np.uint8), strip], axis=0)
 
 
 class RegistrationImages(L.Callback):

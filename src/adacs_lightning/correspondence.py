@@ -64,16 +64,37 @@ def shifted(image: Tensor, offset: tuple[int, ...]) -> Tensor:
     return padded[tuple(index)]
 
 
+def box_sum(values: Tensor, patch: int) -> Tensor:
+    """The sum of ``values`` ``(B, C, *spatial)`` over a ``patch``-voxel box around each voxel (odd ``patch``),
+    zero outside the image: one pass of shifted in-place additions per axis, no padded copy."""
+    half = patch // 2
+    for axis in range(2, values.ndim):
+        size = values.shape[axis]
+        summed = values.clone()
+        for step in range(1, min(half, size - 1) + 1):
+            summed.narrow(axis, step, size - step).add_(values.narrow(axis, 0, size - step))
+            summed.narrow(axis, 0, size - step).add_(values.narrow(axis, step, size - step))
+        values = summed
+    return values
+
+
+def box_count(spatial: tuple[int, ...], patch: int, like: Tensor) -> Tensor:
+    """How many voxels of the image each ``patch`` box holds ``(1, 1, *spatial)``: fewer at the borders."""
+    return box_sum(torch.ones((1, 1, *spatial), dtype=like.dtype, device=like.device), patch)
+
+
 def patch_mean(residual: Tensor, patch: int) -> Tensor:
-    """The mean of ``residual`` ``(B, 1, *spatial)`` over a ``patch``-voxel box around each voxel (1: itself)."""
-    if patch <= 1:
+    """The mean of ``residual`` ``(B, 1, *spatial)`` over the voxels of the image in a ``patch``-voxel box around
+    each voxel (odd ``patch``; 1: itself): average pooling that does not count the padding."""
+    _check_patch(patch)
+    if patch == 1:
         return residual
-    pool = F.avg_pool2d if residual.ndim == 4 else F.avg_pool3d
-    return pool(residual, kernel_size=patch, stride=1, padding=patch // 2, count_include_pad=False)
+    return box_sum(residual, patch) / box_count(residual.shape[2:], patch, residual)
 
 
-#: Shifted candidates pooled in one call: bounds the memory of a 3D shift search (125 shifts at radius 2).
-SHIFTS_PER_POOL = 25
+def _check_patch(patch: int) -> None:
+    if patch < 1 or patch % 2 == 0:
+        raise ValueError(f"patch must be an odd number of voxels ≥ 1 (a box centred on each voxel), got {patch}")
 
 
 @torch.no_grad()
@@ -92,31 +113,26 @@ def shift_min_residual(
         warped: the warped source ``(B, C, *spatial)``; ``fixed`` the target, same shape.
         mask: optional field of view ``(B, 1, *spatial)``, passed to ``r``.
         radius: the largest shift per axis, in voxels (``(2·radius + 1)^ndim`` shifts: 25 in 2D, 125 in 3D at 2).
-        patch: the box, in voxels, a shift must explain at once; 1 compares single voxels, which noise
+        patch: the box, in voxels (odd), a shift must explain at once; 1 compares single voxels, which noise
             lets a shift match by chance.
 
     Returns ``(B, 1, *spatial)`` in ``r``'s units, no gradient; never above ``patch_mean(r)`` at δ = 0.
-    The source is padded once (border replicated) and each shift is a view of it; the candidates'
-    patch means are pooled :data:`SHIFTS_PER_POOL` at a time and folded into a running minimum.
-    Equal to :func:`shifted` per shift, one pooling each (tests/test_correspondence.py).
+    The source is padded once (border replicated) and each shift is a view of it; each candidate's box
+    *sum* is folded into a running minimum in place, and the minimum divided by the box's voxel count
+    once (the count is the same for every shift). Equal, within rounding, to padding each shift on its
+    own and average-pooling each (tests/test_correspondence.py).
     """
-    if radius < 0 or patch < 1:
-        raise ValueError(f"radius must be ≥ 0 and patch ≥ 1, got {radius} and {patch}")
+    if radius < 0:
+        raise ValueError(f"radius must be ≥ 0, got {radius}")
+    _check_patch(patch)
     ndim, spatial = warped.ndim - 2, warped.shape[2:]
     padded = F.pad(warped, [radius] * (2 * ndim), mode="replicate") if radius else warped
     best: Tensor | None = None
-    offsets = integer_shifts(ndim, radius)
-    for start in range(0, len(offsets), SHIFTS_PER_POOL):
-        group = offsets[start : start + SHIFTS_PER_POOL]
-        candidates = []
-        for offset in group:
-            window = (slice(None), slice(None)) + tuple(
-                slice(radius + o, radius + o + n) for o, n in zip(offset, spatial)
-            )
-            candidates.append(similarity(padded[window], fixed, mask))
-        pooled = patch_mean(torch.cat(candidates, dim=0), patch).unflatten(0, (len(group), -1)).amin(dim=0)
-        best = pooled if best is None else torch.minimum(best, pooled, out=best)
-    return best
+    for offset in integer_shifts(ndim, radius):
+        window = (slice(None), slice(None)) + tuple(slice(radius + o, radius + o + n) for o, n in zip(offset, spatial))
+        candidate = box_sum(similarity(padded[window], fixed, mask), patch)
+        best = candidate if best is None else torch.minimum(best, candidate, out=best)
+    return best if patch == 1 else best.div_(box_count(spatial, patch, best))
 
 
 def foreground(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, floor: float = 0.01) -> Tensor:

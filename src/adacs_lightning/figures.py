@@ -232,11 +232,9 @@ def draw_registration(
     with its case, the figure with the ``split`` and the epoch; the caption states the orientation.
     A pair with ``scored`` False (a method without a scorer) says so on its score panel.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    plt = _pyplot()
 
     count = len(pairs)
     fig, axes = plt.subplots(count, len(FIGURE_COLUMNS), figsize=(18, 2.7 * count + 0.5), squeeze=False)
@@ -260,11 +258,10 @@ def draw_registration(
                 vmin, vmax = 0.0, max(float(panels[key].max()), 1e-6)
             else:
                 vmin, vmax = limits.get(key) or (0.0, 1.0)
-            overlay = {}
             if key == "score":  # over the target, so where Ŝ falls reads against the anatomy
                 ax.imshow(panels["target"], cmap="gray", interpolation="nearest")
-                overlay = {"alpha": SCORE_ALPHA}
-            image = ax.imshow(panels[key], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", **overlay)
+            alpha = SCORE_ALPHA if key == "score" else None
+            image = ax.imshow(panels[key], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", alpha=alpha)
             bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
             bar.set_label(unit, fontsize=7)
             bar.ax.tick_params(labelsize=6)
@@ -334,18 +331,6 @@ def _draw_deformed_grid(ax, ddf: Tensor, view: View, every: int = 4) -> None:
     ax.set_ylim(h - 0.5, -0.5)
 
 
-def labelled_strip(strip: np.ndarray, labels: tuple[str, ...], height: int = 14) -> np.ndarray:
-    """``strip`` ``(H, n·W)`` uint8 with a header naming each of its ``n`` columns of panels."""
-    from PIL import Image, ImageDraw
-
-    width = strip.shape[1] // len(labels)
-    header = Image.new("L", (strip.shape[1], height), color=0)
-    draw = ImageDraw.Draw(header)
-    for index, label in enumerate(labels):
-        draw.text((index * width + 2, 1), label[: max(width // 6, 3)], fill=255)
-    return np.concatenate([np.asarray(header, dtype=np.uint8), strip], axis=0)
-
-
 def momentum_figure(
     steps: list[int], mu: list[float], m: list[float], phases: list[tuple[str, int, int]] | None = None
 ) -> np.ndarray:
@@ -358,11 +343,7 @@ def draw_momentum(steps: list[int], mu: list[float], m: list[float], phases: lis
 
     ``phases``: ``(name, first update, last update)`` of each schedule phase, shaded and named.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (ax_mu, ax_m) = plt.subplots(1, 2, figsize=(9.5, 3.4))
     colours = {"warm-up A": "tab:gray", "warm-up B": "tab:blue", "joint": "tab:green"}
     for ax in (ax_mu, ax_m):
@@ -373,16 +354,22 @@ def draw_momentum(steps: list[int], mu: list[float], m: list[float], phases: lis
         ax_mu.set_yscale("log")
     ax_mu.set(xlabel="update T", ylabel=r"$\mu_T$ (data term)", title="residual $\\mu_T$")
     ax_m.plot(steps, m, color="tab:orange", linewidth=1.0)
-    ax_m.set(
-        xlabel="update T",
-        ylabel="$m_T$",
-        title="momentum weight $m_T$",
-        ylim=(-1.02, 1.02) if m and min(m) < 0 else (-0.02, 1.02),
-    )
+    limits = (-1.02, 1.02) if m and min(m) < 0 else (-0.02, 1.02)
+    ax_m.set(xlabel="update T", ylabel="$m_T$", title="momentum weight $m_T$", ylim=limits)
     if phases:
         ax_m.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:

@@ -48,20 +48,25 @@ def jacobian_determinant(ddf: Tensor) -> Tensor:
         ddf: ``(B, ndim, *spatial)`` displacement in voxels, channel ``i`` along axis ``i``.
 
     Returns:
-        ``(B, *spatial)`` in float32 (a half-precision field from mixed-precision training is cast up:
-        the determinant has no bf16/fp16 kernel); values ≤ 0 mark folding. Derivatives are central
+        ``(B, *spatial)`` in the field's precision (a half-precision field from mixed-precision training is
+        cast up to float32); values ≤ 0 mark folding. Derivatives are central
         differences (one-sided at the border), as ``numpy.gradient``.
     """
-    ddf = ddf.float()
+    if ddf.dtype in (torch.float16, torch.bfloat16) or not ddf.is_floating_point():
+        ddf = ddf.float()
     ndim = ddf.shape[1]
     if ddf.ndim != ndim + 2:
         raise ValueError(f"a {ndim}-channel displacement needs {ndim} spatial axes, got shape {tuple(ddf.shape)}")
-    # gradients[i][:, j] = ∂u_j/∂x_i
+    # gradients[i][:, j] = ∂u_j/∂x_i; J[j][i] = δ_ij + ∂u_j/∂x_i, each (B, *spatial)
     gradients = torch.gradient(ddf, dim=tuple(range(2, ddf.ndim)))
-    jac = torch.stack([g for g in gradients], dim=-1)  # (B, j, *spatial, i)
-    jac = jac.movedim(1, -2)  # (B, *spatial, j, i) = ∂u_j/∂x_i
-    jac = jac + torch.eye(ndim, dtype=ddf.dtype, device=ddf.device)
-    return torch.linalg.det(jac)
+    jac = [[gradients[i][:, j] + float(i == j) for i in range(ndim)] for j in range(ndim)]
+    if ndim == 2:  # the determinant written out: elementwise, where a batched LU per voxel is slow
+        return jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
+    if ndim == 3:
+        minors = [jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1], jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0],
+                  jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0]]  # fmt: skip
+        return jac[0][0] * minors[0] - jac[0][1] * minors[1] + jac[0][2] * minors[2]
+    return torch.linalg.det(torch.stack([torch.stack(row, dim=-1) for row in jac], dim=-2))
 
 
 def folding_percentage(ddf: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -45,7 +45,7 @@ class Refinement:
     objective did not improve); ``objective_before`` / ``objective_after``: the objective at the
     network's field and at the returned one; ``steps``: iterations until the pair stalled;
     ``folding_before`` / ``folding_after``: % of voxels with ``det J ≤ 0`` inside the mask;
-    ``seconds``: wall time of the whole batch.
+    ``seconds``: wall time of the whole batch (:meth:`record` gives each pair its share).
     """
 
     ddf: Tensor
@@ -64,7 +64,8 @@ class Refinement:
             "steps": int(self.steps[index]),
             "folding_pct_before": float(self.folding_before[index]),
             "folding_pct_after": float(self.folding_after[index]),
-            "seconds": self.seconds,
+            "seconds": self.seconds / len(self.steps),  # the pair's share of its batch's wall time
+            "pairs_in_batch": len(self.steps),
         }
 
 

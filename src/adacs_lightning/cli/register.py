@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..choices import INTENSITY_MODES, REFINE_WEIGHTS
+from ..choices import INTENSITY_MODES, REFINE_BATCH, REFINE_WEIGHTS
 from ..errors import AdaCSError, check_writable
 from .common import HelpFormatter, console_main, finite_float
 
@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="let a run trained with a label term use --source-labels/--target-labels while refining (the metrics "
         "then measure labels the field was fitted to; registration.json says so)",
     )
+    refine.add_argument(
+        "--refine-batch",
+        type=int,
+        default=REFINE_BATCH,
+        metavar="B",
+        help="with --csv, pairs refined at once (pairs of one size share each step; each moves as if alone)",
+    )
     return parser
 
 
@@ -139,8 +146,9 @@ def run(argv: list[str] | None = None) -> dict[str, Path]:
         args.model, args.device, args.intensity, not args.no_scale, args.maps, refine, not args.no_preprocess
     )
     settings = PairSettings(
-        args.grid, args.divisible, _roi(args.roi_size), not args.no_inverse, args.prefix, args.refine_with_labels
-    )
+        args.grid, args.divisible, _roi(args.roi_size), not args.no_inverse, args.prefix, args.refine_with_labels,
+        args.refine_batch,
+    )  # fmt: skip
     if args.csv is not None:
         result = register_folder(model, settings, args.csv, args.out)
         for row in result.failed:
@@ -171,8 +179,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise AdaCSError("Give --source and --target (one pair), or --csv with a list of pairs.")
     if args.roi_size is not None and min(args.roi_size) < 1:
         raise AdaCSError("--roi-size must be positive.")
-    if args.refine < 0 or args.refine_lr <= 0 or args.refine_grid < 1:
-        raise AdaCSError("--refine must be ≥ 0, --refine-lr > 0 and --refine-grid ≥ 1.")
+    if args.refine < 0 or args.refine_lr <= 0 or args.refine_grid < 1 or args.refine_batch < 1:
+        raise AdaCSError("--refine must be ≥ 0, --refine-lr > 0, --refine-grid ≥ 1 and --refine-batch ≥ 1.")
     if args.target_labels is not None and args.source_labels is None:
         raise AdaCSError(
             "--target-labels needs --source-labels: the metrics compare the warped source labels with the target's."

@@ -79,7 +79,6 @@ def register_arrays(
     return apply_displacement(source, field, source_labels, inverse)
 
 
-@torch.no_grad()
 def network_displacement(
     backbone: Backbone,
     source: np.ndarray,
@@ -94,16 +93,60 @@ def network_displacement(
 ) -> NetworkField:
     """The network's displacement ``(ndim, *spatial)`` (voxels) from ``source`` to ``target`` (``(*spatial)``, one grid).
 
+    :func:`padded_network_field`, then, with a ``refiner`` (:class:`~adacs_lightning.refine.Refiner`), its
+    optimisation for this pair on the scaled images inside the image (not its padding), with the label term
+    when ``source_labels`` and ``target_labels`` are given (:func:`refine_fields`).
+    """
+    labels = (source_labels, target_labels) if refiner is not None else (None, None)
+    padded = padded_network_field(backbone, source, target, scale, divisible, device, roi_size, *labels)
+    return padded.network_field() if refiner is None else refine_fields(refiner, [padded])[0]
+
+
+@dataclass
+class PaddedField:
+    """The network's displacement for one pair on the padded grid it ran on, and what refining it needs.
+
+    ``moving``, ``fixed``: the scaled, padded images ``(1, C, *padded)``; ``ddf``: ``(1, ndim, *padded)`` in
+    voxels; ``inside``: 1 on the image, 0 on its padding ``(1, 1, *padded)``; ``labels``: ``moving_label`` and
+    ``fixed_label`` ``(1, 1, *padded)`` when given; ``crop``: the image's region of the padded grid.
+    """
+
+    moving: Tensor
+    fixed: Tensor
+    ddf: Tensor
+    inside: Tensor
+    crop: tuple[slice, ...]
+    labels: dict[str, Tensor]
+
+    def network_field(self, refined: Tensor | None = None, refinement: dict | None = None) -> NetworkField:
+        """The field on the image's own grid; with ``refined`` ``(ndim, *padded)``, that one and the network's."""
+        network = self.ddf[0].cpu()[self.crop].contiguous()
+        if refined is None:
+            return NetworkField(network)
+        return NetworkField(refined[self.crop].contiguous(), network, refinement)
+
+
+@torch.no_grad()
+def padded_network_field(
+    backbone: Backbone,
+    source: np.ndarray,
+    target: np.ndarray,
+    scale: str | None = "minmax",
+    divisible: int = 16,
+    device: str | torch.device = "cpu",
+    roi_size: tuple[int, ...] | None = None,
+    source_labels: np.ndarray | None = None,
+    target_labels: np.ndarray | None = None,
+) -> PaddedField:
+    """The network's displacement for ``source`` → ``target`` (``(*spatial)``, one grid) on its padded grid.
+
     The network sees both images scaled to [0, 1] by ``scale`` (``minmax`` or ``percentile``, see
     :func:`scale_to_unit`; None uses them as they are) and,
     when ``divisible > 1``, zero-padded symmetrically to a multiple of ``divisible`` per axis
-    (U-Net backbones need sizes that divide by their total down-sampling, 16 for VoxelMorph);
-    the displacement is cropped back to the input's shape. With ``roi_size`` the network runs on
-    overlapping windows of that size, blended with Gaussian weights (MONAI's sliding-window
-    inference), for images larger than the network can take at once. A ``refiner``
-    (:class:`~adacs_lightning.refine.Refiner`) then optimises the network's displacement for this pair,
-    on the scaled images, inside the image (not its padding); with ``source_labels`` and
-    ``target_labels`` its label term applies.
+    (U-Net backbones need sizes that divide by their total down-sampling, 16 for VoxelMorph).
+    With ``roi_size`` the network runs on overlapping windows of that size, blended with Gaussian
+    weights (MONAI's sliding-window inference), for images larger than the network can take at once.
+    Label maps, when both are given, are padded alike for refinement's label term.
     """
     if source.shape != target.shape:
         raise AdaCSError(
@@ -119,24 +162,58 @@ def network_displacement(
         for image in (source, target)
     )
     pad = DivisiblePad(k=max(divisible, 1), mode="constant")
-    padded_moving, padded_fixed = (convert_to_tensor(pad(image), track_meta=False) for image in (moving, fixed))
+
+    def padded(image: Tensor) -> Tensor:  # (C, *spatial) → (1, C, *padded) on the device
+        return convert_to_tensor(pad(image), track_meta=False)[None].to(device)
+
+    padded_moving, padded_fixed = padded(moving), padded(fixed)
     backbone = backbone.to(device).eval()
     try:
-        pair = (padded_moving[None].to(device), padded_fixed[None].to(device))
-        ddf = _windowed(backbone, *pair, roi_size) if roi_size else backbone(*pair)
-        ddf = ddf[0].cpu()
+        ddf = (
+            _windowed(backbone, padded_moving, padded_fixed, roi_size)
+            if roi_size
+            else backbone(padded_moving, padded_fixed)
+        )
     except (RuntimeError, ValueError) as error:
         raise AdaCSError(
             f"The network could not register images of shape {source.shape} (padded to "
-            f"{tuple(padded_moving.shape[1:])}): {error}. U-Net backbones need sizes divisible by their "
+            f"{tuple(padded_moving.shape[2:])}): {error}. U-Net backbones need sizes divisible by their "
             "down-sampling: try --divisible 16 or 32."
         ) from error
     crop = (slice(None), *(slice(lo, lo + n) for lo, n in zip(_pad_before(source.shape, divisible), source.shape)))
-    if refiner is None:
-        return NetworkField(ddf[crop].contiguous())
-    network_ddf = ddf[crop].contiguous().clone()
-    ddf, refinement = _refine(refiner, pair, ddf, pad, source, source_labels, target_labels)
-    return NetworkField(ddf[crop].contiguous(), network_ddf, refinement)
+    labels = {}
+    if source_labels is not None and target_labels is not None:
+        for key, array in (("moving_label", source_labels), ("fixed_label", target_labels)):
+            labels[key] = padded(
+                torch.as_tensor(np.rint(np.asarray(array, dtype=np.float64)), dtype=torch.float32)[None]
+            )
+    inside = padded(torch.ones((1, *source.shape)))
+    return PaddedField(padded_moving, padded_fixed, ddf, inside, crop, labels)
+
+
+def refine_fields(refiner, fields: list[PaddedField]) -> list[NetworkField]:
+    """Each pair's field refined by ``refiner``, pairs of one padded shape (and the same labels given) in one batch.
+
+    Adam is elementwise and every term is per pair, so a pair refined in a batch moves as if alone
+    (:func:`~adacs_lightning.refine.minimise_per_pair`); batching only shares each step's passes over the images.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for index, field in enumerate(fields):
+        groups.setdefault((tuple(field.moving.shape), tuple(sorted(field.labels))), []).append(index)
+    refined: list[NetworkField | None] = [None] * len(fields)
+    for members in groups.values():
+
+        def stacked(name: str, members=members) -> Tensor:
+            return torch.cat([getattr(fields[i], name) for i in members])
+
+        labels = {key: torch.cat([fields[i].labels[key] for i in members]) for key in fields[members[0]].labels}
+        with torch.enable_grad():
+            refinement = refiner.refine(
+                stacked("moving"), stacked("fixed"), stacked("ddf"), mask=stacked("inside"), **labels
+            )
+        for row, index in enumerate(members):
+            refined[index] = fields[index].network_field(refinement.ddf[row].detach().cpu(), refinement.record(row))
+    return refined
 
 
 @torch.no_grad()
@@ -161,20 +238,6 @@ def apply_displacement(
     inverse_ddf = invert_displacement(ddf[None])[0].numpy() if inverse else None
     network_ddf = None if field.network_ddf is None else field.network_ddf.numpy()
     return Registration(warped.numpy(), ddf.numpy(), warped_labels, inverse_ddf, field.refinement, network_ddf)
-
-
-def _refine(refiner, pair: tuple[Tensor, Tensor], ddf: Tensor, pad, source: np.ndarray, source_labels, target_labels):
-    """The refined padded displacement ``(ndim, *padded)`` and the refinement's record; the padding is masked out."""
-    device = pair[0].device
-    inside = convert_to_tensor(pad(torch.ones((1, *source.shape))), track_meta=False)[None].to(device)
-    labels = {}
-    if source_labels is not None and target_labels is not None:
-        for key, array in (("moving_label", source_labels), ("fixed_label", target_labels)):
-            tensor = torch.as_tensor(np.rint(np.asarray(array, dtype=np.float64)), dtype=torch.float32)[None]
-            labels[key] = convert_to_tensor(pad(tensor), track_meta=False)[None].to(device)
-    with torch.enable_grad():
-        refinement = refiner.refine(*pair, ddf[None].to(device), mask=inside, **labels)
-    return refinement.ddf[0].detach().cpu(), refinement.record(0)
 
 
 def _windowed(backbone: Backbone, moving: Tensor, fixed: Tensor, roi_size: tuple[int, ...]) -> Tensor:

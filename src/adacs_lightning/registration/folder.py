@@ -15,7 +15,7 @@ from ..data.folder import FolderDataModule
 from ..errors import AdaCSError
 from ..evaluation.tables import write_csv
 from .model import RegistrationModel
-from .pair import PairSettings, register_pair
+from .pair import PairSettings, finish_pair, refine_staged, stage_pair
 
 log = logging.getLogger(__name__)
 
@@ -40,35 +40,44 @@ def register_folder(model: RegistrationModel, settings: PairSettings, csv: Path,
 
     Writes ``<out>/<case>/…`` per row, ``quality.csv`` (every registered pair), ``metrics.csv`` (one row per
     labelled pair) and ``failed.csv`` (the rows that could not be registered, and why). A full disk stops it.
+    With a refiner, ``settings.refine_batch`` pairs are staged at a time and refined together.
     """
     catalog = FolderDataModule(str(csv), spatial_dims=model.backbone.spatial_dims).discover()
     failed = [{"case": b.case, "file": b.file, "problem": f"{b.problem} {b.fix}".strip()} for b in catalog.bad]
     metrics, quality, start = [], [], time.perf_counter()
     units = list(catalog.units.values())
-    for unit in tqdm(units, desc="Registering", unit="pair", disable=not sys.stderr.isatty()):
-        files = unit.files
-        try:
-            record = register_pair(
-                model,
-                settings,
-                Path(files["source"]),
-                Path(files["target"]),
-                out / unit.id,
-                _path(files.get("label_source")),
-                _path(files.get("label_target")),
-                _path(files.get("mask")),
-            ).record
-        except (AdaCSError, ValueError, RuntimeError, OSError) as error:
-            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise  # a full disk fails every later row too: stop, with the console's paragraph
-            # Anything one pair's files cause (a label map on another grid, a torn file): skip the row.
-            failed.append({"case": unit.id, "file": files.get("source", ""), "problem": f"{error}"})
-            log.warning("skipped %s: %s", unit.id, error)
-            continue
-        quality.append({"case": unit.id, **record["quality"]})
-        if "metrics" in record:
-            network = {f"network_{k}": v for k, v in record.get("metrics_network", {}).items() if k in NETWORK_COLUMNS}
-            metrics.append({"case": unit.id, **record["metrics"], **network, "seconds": record["seconds"]})
+    batch = max(1, settings.refine_batch) if model.refiner is not None else 1
+    progress = tqdm(total=len(units), desc="Registering", unit="pair", disable=not sys.stderr.isatty())
+    for first in range(0, len(units), batch):
+        staged = []
+        for unit in units[first : first + batch]:
+            files = unit.files
+            pair = _attempt(failed, [unit], lambda f=files: stage_pair(
+                model, settings, Path(f["source"]), Path(f["target"]), _path(f.get("label_source")),
+                _path(f.get("label_target")),
+            ))  # fmt: skip
+            if pair is not None:
+                staged.append((unit, pair))
+            else:
+                progress.update()
+        fields = _attempt(failed, [u for u, _ in staged], lambda s=staged: refine_staged(model, [p for _, p in s]))
+        for (unit, pair), network_field in zip(staged, fields or []):
+            finished = _attempt(failed, [unit], lambda u=unit, p=pair, f=network_field: finish_pair(
+                model, settings, p, f, out / u.id, _path(u.files.get("mask"))
+            ))  # fmt: skip
+            progress.update()
+            if finished is None:
+                continue
+            record = finished.record
+            quality.append({"case": unit.id, **record["quality"]})
+            if "metrics" in record:
+                network = {
+                    f"network_{k}": v for k, v in record.get("metrics_network", {}).items() if k in NETWORK_COLUMNS
+                }
+                metrics.append({"case": unit.id, **record["metrics"], **network, "seconds": record["seconds"]})
+        if fields is None:
+            progress.update(len(staged))
+    progress.close()
     reports = {}
     out.mkdir(parents=True, exist_ok=True)
     if quality:  # every registered pair, labelled or not: sort by flag to see which to check first
@@ -78,6 +87,27 @@ def register_folder(model: RegistrationModel, settings: PairSettings, csv: Path,
     reports["failed"] = write_csv(failed, out / "failed.csv", ["case", "file", "problem"])
     registered = len(units) - sum(1 for f in failed if f["case"] in catalog.units)
     return FolderResult(reports, registered, len(units) + len(catalog.bad), failed, time.perf_counter() - start)
+
+
+#: What one pair's files can cause (a label map on another grid, a torn file): the row is skipped.
+PAIR_ERRORS = (AdaCSError, ValueError, RuntimeError, OSError)
+
+
+def _attempt(failed: list[dict], units: list, step):
+    """``step()`` for ``units`` (one row, or a batch's refinement), or None with each row listed in ``failed``."""
+    try:
+        return step()
+    except PAIR_ERRORS as error:
+        _fail(failed, units, error)
+        return None
+
+
+def _fail(failed: list[dict], units: list, error: Exception) -> None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise error  # with the console's paragraph
+    for unit in units:
+        failed.append({"case": unit.id, "file": unit.files.get("source", ""), "problem": f"{error}"})
+        log.warning("skipped %s: %s", unit.id, error)
 
 
 def _path(value: str | None) -> Path | None:

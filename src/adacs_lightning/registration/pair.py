@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..choices import REFINE_BATCH
 from ..data.io import Volume, read_image
 from ..errors import AdaCSError
 from ..evaluation.cases import case_metrics
 from ..evaluation.inference import (
     NetworkField,
+    PaddedField,
     Registration,
     apply_displacement,
-    network_displacement,
+    padded_network_field,
+    refine_fields,
     scale_to_unit,
 )
 from ..evaluation.quality import quality_figures, score_on_grid, warp_image
@@ -36,7 +39,7 @@ class PairSettings:
     ``grid``: ``refuse`` or ``resample`` a source on another grid than the target's; ``divisible``: zero-pad each
     axis to a multiple of it for the network; ``roi_size``: sliding-window size (voxels per axis) or None;
     ``inverse``: also write the inverse displacement; ``prefix``: of every output name; ``refine_with_labels``:
-    let refinement use the label maps given.
+    let refinement use the label maps given; ``refine_batch``: how many pairs of a folder are refined at once.
     """
 
     grid: str = "refuse"
@@ -45,6 +48,7 @@ class PairSettings:
     inverse: bool = True
     prefix: str = ""
     refine_with_labels: bool = False
+    refine_batch: int = REFINE_BATCH
 
 
 @dataclass
@@ -65,6 +69,26 @@ class _Registered:
     network_ddf: torch.Tensor  # the final displacement on the network's grid (voxels)
 
 
+@dataclass
+class StagedPair:
+    """A pair read, put on the network's grid and run through the network; its refinement and outputs pending.
+
+    ``volumes``: source, target, source labels and target labels (the last two None when not given), the
+    source (and its labels) already on the target's grid; ``note``: what was done about the grids;
+    ``network_pair``: source and target on the network's grid; ``padded``: the network's field there;
+    ``seconds``: the network's time.
+    """
+
+    paths: tuple[Path, Path]
+    volumes: tuple[Volume, Volume, Volume | None, Volume | None]
+    note: str | None
+    grid: NetworkGrid
+    network_pair: tuple[np.ndarray, np.ndarray]
+    padded: PaddedField
+    fit_labels: bool
+    seconds: float
+
+
 def register_pair(
     model: RegistrationModel,
     settings: PairSettings,
@@ -82,7 +106,21 @@ def register_pair(
     back onto the target's own grid, where the warped source, the fields in ITK's convention, the maps and
     the labels are written. ``registration.json`` records the files, the model, the grids and the quality
     figures; with both label maps, also the metrics (Dice, HD95, HD, ASD per label, folding).
+    :func:`stage_pair`, the refinement (with a refiner) and :func:`finish_pair`; a folder batches the middle step.
     """
+    staged = stage_pair(model, settings, source_path, target_path, source_labels, target_labels)
+    return finish_pair(model, settings, staged, refine_staged(model, [staged])[0], out, mask)
+
+
+def stage_pair(
+    model: RegistrationModel,
+    settings: PairSettings,
+    source_path: Path,
+    target_path: Path,
+    source_labels: Path | None = None,
+    target_labels: Path | None = None,
+) -> StagedPair:
+    """Read the pair (and labels), put it on the network's grid, and run the network there."""
     ndim = model.backbone.spatial_dims
     source, target = read_image(source_path, ndim), read_image(target_path, ndim)
     labels = read_image(source_labels, ndim) if source_labels is not None else None
@@ -96,10 +134,42 @@ def register_pair(
             )
     source, labels, note = on_target_grid(source, labels, target, settings.grid, (source_path, target_path))
     start = time.perf_counter()
-    fit_labels = target_label_map if settings.refine_with_labels else None
-    registered = _register(model, settings, source, target, labels, fit_labels)
-    seconds = time.perf_counter() - start
-    result = registered.result
+    grid = NetworkGrid.for_target(target, model.recipe)
+    moving, fixed = grid.to_network(source.array), grid.to_network(target.array)
+    fit_labels = model.refiner is not None and settings.refine_with_labels and target_label_map is not None
+    fit = [np.rint(grid.to_network(v.array, "label")) for v in (labels, target_label_map)] if fit_labels else [None] * 2
+    roi = None if settings.roi_size is None else _roi(settings.roi_size, moving.ndim)
+    padded = padded_network_field(
+        model.backbone, moving, fixed, model.scale, settings.divisible, model.device, roi, *fit
+    )
+    volumes = (source, target, labels, target_label_map)
+    return StagedPair((source_path, target_path), volumes, note, grid, (moving, fixed), padded, fit_labels,
+                      time.perf_counter() - start)  # fmt: skip
+
+
+def refine_staged(model: RegistrationModel, staged: list[StagedPair]) -> list[NetworkField]:
+    """The final field on the network's grid of each staged pair: refined together (pairs of one shape in one
+    batch) with the run's refiner, else the network's."""
+    if model.refiner is None:
+        return [pair.padded.network_field() for pair in staged]
+    return refine_fields(model.refiner, [pair.padded for pair in staged])
+
+
+def finish_pair(
+    model: RegistrationModel, settings: PairSettings, staged: StagedPair, field: NetworkField, out: Path, mask=None
+) -> PairResult:
+    """Compose ``field`` onto the target's grid, warp, and write the outputs, maps and ``registration.json``."""
+    (source_path, target_path), (source, target, labels, target_label_map) = staged.paths, staged.volumes
+    start = time.perf_counter()
+    native = NetworkField(
+        staged.grid.field_to_native(field.ddf),
+        None if field.network_ddf is None else staged.grid.field_to_native(field.network_ddf),
+        field.refinement,
+    )
+    source_labels = None if labels is None else np.rint(labels.array).astype(np.int32)
+    result = apply_displacement(source.array, native, source_labels, settings.inverse)
+    registered = _Registered(result, staged.grid, staged.network_pair, field.ddf)
+    seconds = staged.seconds + (time.perf_counter() - start) + (field.refinement or {}).get("seconds", 0.0)
     out = Path(out)
     name = f"{settings.prefix}{{}}{_suffix(target_path)}"
     files = {
@@ -122,8 +192,8 @@ def register_pair(
         "target": str(target_path),
         "model": str(model.checkpoint),
         "intensity_scaling": model.scale,
-        "grid": note or "source and target on one grid",
-        "network_grid": registered.grid.describe(),
+        "grid": staged.note or "source and target on one grid",
+        "network_grid": staged.grid.describe(),
         "seconds": seconds,
         "displacement": "LPS millimetres on the target grid; ITK DisplacementFieldTransform / ANTs warp convention",
         "displacement_voxels": "voxels along the target's array axes; source(x + u(x)) ≈ target(x)",
@@ -135,7 +205,7 @@ def register_pair(
             "weights": refiner.weights,
             "lr": refiner.lr,
             "grid": refiner.grid,
-            "labels_used": bool(fit_labels is not None and refiner.label_weight > 0),
+            "labels_used": bool(staged.fit_labels and refiner.label_weight > 0),
         }
     record["quality"], maps = _quality(model, settings.divisible, source, target, registered)
     for key, array in maps.items():
@@ -148,42 +218,6 @@ def register_pair(
     record["files"] = {key: path.name for key, path in files.items()}
     files["record"].write_text(json.dumps(record, indent=2))
     return PairResult(files, record)
-
-
-def _register(
-    model: RegistrationModel,
-    settings: PairSettings,
-    source: Volume,
-    target: Volume,
-    labels: Volume | None,
-    target_labels: Volume | None,
-) -> _Registered:
-    """The network (and refinement) on the network's grid; the displacement and warps on the target's."""
-    grid = NetworkGrid.for_target(target, model.recipe)
-    moving, fixed = grid.to_network(source.array), grid.to_network(target.array)
-    fit = None
-    if labels is not None and target_labels is not None:
-        fit = tuple(np.rint(grid.to_network(v.array, "label")) for v in (labels, target_labels))
-    field = network_displacement(
-        model.backbone,
-        moving,
-        fixed,
-        scale=model.scale,
-        divisible=settings.divisible,
-        device=model.device,
-        roi_size=None if settings.roi_size is None else _roi(settings.roi_size, moving.ndim),
-        refiner=model.refiner,
-        source_labels=None if fit is None else fit[0],
-        target_labels=None if fit is None else fit[1],
-    )
-    native = NetworkField(
-        grid.field_to_native(field.ddf),
-        None if field.network_ddf is None else grid.field_to_native(field.network_ddf),
-        field.refinement,
-    )
-    source_labels = None if labels is None else np.rint(labels.array).astype(np.int32)
-    result = apply_displacement(source.array, native, source_labels, settings.inverse)
-    return _Registered(result, grid, (moving, fixed), field.ddf)
 
 
 def _quality(
