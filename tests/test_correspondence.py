@@ -314,7 +314,10 @@ def test_patch_mean_is_average_pooling_without_the_padding(spatial_dims, patch):
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("radius, patch", [(1, 1), (1, 3), (2, 1), (2, 3)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_the_fast_shift_min_equals_its_definition(spatial_dims, radius, patch, masked):
+@pytest.mark.parametrize("shifts_at_once", ["one", "grouped"])
+def test_the_fast_shift_min_equals_its_definition(spatial_dims, radius, patch, masked, shifts_at_once, monkeypatch):
+    if shifts_at_once == "one":  # as large images go: one shift at a time; small ones stack them
+        monkeypatch.setattr("adacs_lightning.correspondence.SHIFT_GROUP_VOXELS", 1)
     torch.manual_seed(spatial_dims + radius + patch)
     shape = (2, 1) + (10,) * spatial_dims
     warped, fixed = torch.rand(shape), torch.rand(shape)

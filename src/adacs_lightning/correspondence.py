@@ -97,6 +97,11 @@ def _check_patch(patch: int) -> None:
         raise ValueError(f"patch must be an odd number of voxels ≥ 1 (a box centred on each voxel), got {patch}")
 
 
+#: Shifts whose candidates are computed in one batch, as a count of voxels (shifts × the target's voxels):
+#: small images stack several shifts (fewer, larger operations), large ones go one shift at a time.
+SHIFT_GROUP_VOXELS = 2**17
+
+
 @torch.no_grad()
 def shift_min_residual(
     similarity: Similarity,
@@ -119,7 +124,8 @@ def shift_min_residual(
     Returns ``(B, 1, *spatial)`` in ``r``'s units, no gradient; never above ``patch_mean(r)`` at δ = 0.
     The source is padded once (border replicated) and each shift is a view of it; each candidate's box
     *sum* is folded into a running minimum in place, and the minimum divided by the box's voxel count
-    once (the count is the same for every shift). Equal, within rounding, to padding each shift on its
+    once (the count is the same for every shift). Small images evaluate :data:`SHIFT_GROUP_VOXELS` worth
+    of shifts at once, stacked along the batch axis. Equal, within rounding, to padding each shift on its
     own and average-pooling each (tests/test_correspondence.py).
     """
     if radius < 0:
@@ -127,12 +133,26 @@ def shift_min_residual(
     _check_patch(patch)
     ndim, spatial = warped.ndim - 2, warped.shape[2:]
     padded = F.pad(warped, [radius] * (2 * ndim), mode="replicate") if radius else warped
+    offsets = integer_shifts(ndim, radius)
+    per_group = max(1, SHIFT_GROUP_VOXELS // fixed.numel())
     best: Tensor | None = None
-    for offset in integer_shifts(ndim, radius):
-        window = (slice(None), slice(None)) + tuple(slice(radius + o, radius + o + n) for o, n in zip(offset, spatial))
-        candidate = box_sum(similarity(padded[window], fixed, mask), patch)
-        best = candidate if best is None else torch.minimum(best, candidate, out=best)
+    for start in range(0, len(offsets), per_group):
+        group = offsets[start : start + per_group]
+        windows = [padded[(slice(None), slice(None), *(slice(radius + o, radius + o + n) for o, n in zip(d, spatial)))]
+                   for d in group]  # fmt: skip
+        if len(group) == 1:
+            sums = box_sum(similarity(windows[0], fixed, mask), patch)
+        else:  # the group's shifts along the batch axis: a few large operations instead of many small ones
+            times = len(group)
+            stacked = similarity(torch.cat(windows), _repeated(fixed, times), _repeated(mask, times))
+            sums = box_sum(stacked, patch).unflatten(0, (len(group), -1)).amin(dim=0)
+        best = sums if best is None else torch.minimum(best, sums, out=best)
     return best if patch == 1 else best.div_(box_count(spatial, patch, best))
+
+
+def _repeated(tensor: Tensor | None, times: int) -> Tensor | None:
+    """``tensor`` ``(B, …)`` repeated ``times`` along the batch axis ``(times·B, …)``, matching stacked shifts."""
+    return None if tensor is None else tensor.expand(times, *tensor.shape).flatten(0, 1)
 
 
 def foreground(fixed: Tensor, warped: Tensor, mask: Tensor | None = None, floor: float = 0.01) -> Tensor:
