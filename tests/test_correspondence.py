@@ -267,6 +267,10 @@ def test_adacs_eval_reports_where_the_score_falls(tmp_path):
     # The share of the data term the score leaves, for every case of the run with a map.
     assert all(0.0 < c["kept_mass"] <= 1.0 and 0.0 <= c["score_mean"] <= 1.0 for c in adacs)
     assert not any(np.isfinite(c.get("kept_mass", math.nan)) for c in baseline)
+    # adacs-register's quality figures and flag, per case, for every method (the score's share with a map only).
+    assert all(c["flag"] in ("ok", "review") and c["det_jacobian_min"] <= c["det_jacobian_p1"] for c in cases)
+    assert all(0.0 <= c["score_low_share"] <= 1.0 for c in adacs)
+    assert not any(np.isfinite(c.get("score_low_share", math.nan)) for c in baseline)
     markdown = (out / "comparison.md").read_text()
     assert "## Where correspondence is lost" in markdown and "AUROC of 1 − Ŝ" in markdown
     assert "kept mass" in markdown

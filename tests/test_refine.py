@@ -8,9 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adacs_lightning.cli import register as register_cli
+from adacs_lightning.losses import masked_mean
 from adacs_lightning.metrics import folding_percentage
 from adacs_lightning.objective import BackboneObjective
 from adacs_lightning.refine import Refiner, per_pair_data_term
@@ -105,6 +107,27 @@ def test_the_folding_guard_keeps_a_tempting_pair_unfolded():
     assert float(free.folding_after[0]) > 0.5  # the temptation is real
     assert float(guarded.folding_after[0]) <= float(guarded.folding_before[0]) == 0.0
     assert float(folding_percentage(guarded.ddf)[0]) == 0.0
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_the_fold_guard_is_its_formula_in_value_and_gradient_whether_or_not_a_voxel_nears_folding(ndim):
+    from adacs_lightning.metrics import jacobian_determinant
+
+    refiner = Refiner(BackboneObjective(SquaredError(), lam=0.0), fold_margin=0.1)
+    torch.manual_seed(ndim)
+    for scale in (0.01, 1.0):  # a smooth field far from folding; a rough one that folds
+        ddf = (scale * torch.randn((2, ndim) + (8,) * ndim)).requires_grad_()
+        mask = (torch.rand((2, 1) + (8,) * ndim) > 0.2).float()
+        formula = masked_mean(F.relu(0.1 - jacobian_determinant(ddf)).unsqueeze(1), mask, per_sample=True)
+        guard = refiner._fold_guard(ddf, mask)
+        torch.testing.assert_close(guard, formula)
+        weights = torch.tensor([1.0, 2.0])
+        (expected,) = torch.autograd.grad((formula * weights).sum(), ddf)
+        if guard.requires_grad:
+            (got,) = torch.autograd.grad((guard * weights).sum(), ddf)
+            torch.testing.assert_close(got, expected)
+        else:  # nothing near folding: the formula is 0 with a zero gradient, and no graph was built
+            assert scale == 0.01 and not expected.any() and not guard.any()
 
 
 @pytest.fixture

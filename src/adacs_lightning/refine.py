@@ -267,12 +267,21 @@ class Refiner:
         total = per_pair_data_term(objective.residual(moving, fixed, ddf, mask), weight, mask, self.weighting)
         total = total + objective.lam * gradient_energy(ddf, mask, per_sample=True)
         if self.fold_weight > 0:
-            shortfall = F.relu(self.fold_margin - jacobian_determinant(ddf)).unsqueeze(1)
-            total = total + self.fold_weight * masked_mean(shortfall, mask, per_sample=True)
+            total = total + self.fold_weight * self._fold_guard(ddf, mask)
         if labels is not None and objective.label_weight > 0:
             term = label_dice_loss(self.pair_dice, objective.warp, *labels, ddf, per_sample=True)
             total = total + objective.label_weight * term
         return total
+
+    def _fold_guard(self, ddf: Tensor, mask: Tensor | None) -> Tensor:
+        """``mean relu(margin − det J)`` per pair ``(B,)``. Where no voxel is below the margin it is exactly 0 with a
+        zero gradient, so the determinant's graph (a third of a 3D step) is built only when some voxel is."""
+        with torch.no_grad():
+            near_folding = bool((jacobian_determinant(ddf) < self.fold_margin).any())
+        if not near_folding:
+            return ddf.new_zeros(ddf.shape[0])
+        shortfall = F.relu(self.fold_margin - jacobian_determinant(ddf)).unsqueeze(1)
+        return masked_mean(shortfall, mask, per_sample=True)
 
     # ------------------------------------------------------------------ optimisation
     def _field(self, start: Tensor, correction: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from ..correspondence import kept_mass
 from ..losses import masked_mean
 from ..metrics import dice_near_and_away, dice_per_label, folding_percentage, localisation, surface_distances_per_label
 from ..warping import warp_block
+from .quality import quality_figures, warp_image
 
 Tensor = torch.Tensor
 
@@ -155,7 +156,15 @@ class CaseEvaluator:
             row["kept_mass"] = float(kept_mass(weight, residual, mask))
         if pair.get("nocorr") is not None:
             row.update(self._mechanism(pair, ddf, weight, mask))
-        return row
+        quality = self._quality(pair, ddf, weight)
+        return {**row, **{k: v for k, v in quality.items() if k not in row}}
+
+    def _quality(self, pair: Mapping[str, Any], ddf: Tensor, weight: Tensor | None) -> dict[str, Any]:
+        """``adacs-register``'s quality figures and flag for this case (:func:`~.quality.quality_figures`)."""
+        source, target = (pair[k][0].float().mean(0) for k in ("source", "target"))  # (*spatial), channels averaged
+        field = ddf[0].float().cpu()
+        score = None if weight is None else weight[0, 0].float().cpu()
+        return quality_figures(field, source, target, warp_image(source, field), score)
 
     def _weight_map(self, pair: Mapping[str, Any], ddf: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(weight, residual, mask)`` of the registered pair: the method's map (Ŝ for AdaCS) and the residual it
