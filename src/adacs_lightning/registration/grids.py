@@ -70,6 +70,7 @@ class NetworkGrid:
     """The grid the network registers a target on: the target's own grid put through a data set's :class:`GridRecipe`.
 
     ``native_affine`` / ``native_shape``: the target's grid; ``affine`` / ``shape``: the network's.
+    ``target``: the target image on the network's grid (:meth:`for_target` computes it once).
     ``identity``: the recipe leaves the target's grid as it is (then nothing is resampled).
     """
 
@@ -78,15 +79,18 @@ class NetworkGrid:
     native_shape: tuple[int, ...]
     affine: np.ndarray
     shape: tuple[int, ...]
+    target: np.ndarray | None = None
 
     @classmethod
     def for_target(cls, target: Volume, recipe: GridRecipe | None) -> NetworkGrid:
+        """The network's grid of ``target``, found by putting the target itself through ``recipe``."""
         recipe = recipe or GridRecipe()
         native = affine_nd(target.affine, target.array.ndim)
         if recipe.is_identity:
-            return cls(recipe, native, target.array.shape, native, target.array.shape)
-        probe = _through_recipe(np.zeros(target.array.shape, np.float32), native, recipe, "image")
-        return cls(recipe, native, target.array.shape, np.asarray(probe.affine, np.float64), tuple(probe.shape[1:]))
+            return cls(recipe, native, target.array.shape, native, target.array.shape, target.array)
+        on_network = _through_recipe(target.array, native, recipe, "image")
+        affine, shape = np.asarray(on_network.affine, np.float64), tuple(on_network.shape[1:])
+        return cls(recipe, native, target.array.shape, affine, shape, np.asarray(on_network[0], dtype=np.float32))
 
     @property
     def identity(self) -> bool:

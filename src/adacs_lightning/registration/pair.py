@@ -135,7 +135,7 @@ def stage_pair(
     source, labels, note = on_target_grid(source, labels, target, settings.grid, (source_path, target_path))
     start = time.perf_counter()
     grid = NetworkGrid.for_target(target, model.recipe)
-    moving, fixed = grid.to_network(source.array), grid.to_network(target.array)
+    moving, fixed = grid.to_network(source.array), grid.target
     fit_labels = model.refiner is not None and settings.refine_with_labels and target_label_map is not None
     fit = [np.rint(grid.to_network(v.array, "label")) for v in (labels, target_label_map)] if fit_labels else [None] * 2
     roi = None if settings.roi_size is None else _roi(settings.roi_size, moving.ndim)
