@@ -15,7 +15,7 @@ from adacs_lightning.correspondence import REFERENCE_LEVEL, integer_shifts, patc
 from adacs_lightning.data import FolderDataModule, Nuisances, make_pair
 from adacs_lightning.errors import ConfigError
 from adacs_lightning.metrics import dice_near_and_away, localisation
-from adacs_lightning.similarity import LocalNCC, SquaredError
+from adacs_lightning.similarity import LocalNCC, MutualInformation, SquaredError
 
 from .helpers.fakes import make_folder, write_nifti
 from .helpers.training import tiny_backbone, tiny_trainer
@@ -326,6 +326,6 @@ def test_the_fast_shift_min_equals_its_definition(spatial_dims, radius, patch, m
     shape = (2, 1) + (10,) * spatial_dims
     warped, fixed = torch.rand(shape), torch.rand(shape)
     mask = (torch.rand(shape) > 0.3).float() if masked else None
-    for similarity in (SquaredError(), LocalNCC(spatial_dims=spatial_dims)):
+    for similarity in (SquaredError(), LocalNCC(spatial_dims=spatial_dims), MutualInformation(bins=8)):
         fast = shift_min_residual(similarity, warped, fixed, mask, radius, patch)
         torch.testing.assert_close(fast, _shift_min_one_by_one(similarity, warped, fixed, mask, radius, patch))

@@ -159,7 +159,8 @@ def test_a_folder_refined_in_batches_gives_each_pair_the_field_it_gets_alone(tmp
     from .helpers.fakes import make_folder
 
     csv_path = make_folder(tmp_path / "data", rows=4, shape=(20, 16), formats=(".nii.gz",), split=False)
-    # The second row of the first batch: a target label map on another grid, found once the pair is read.
+    # The second row: a target label map on another grid, found once the pair is read (the batch fills up with the
+    # rows after it).
     nib.save(nib.Nifti1Image(np.ones((12, 12), np.uint8), np.eye(4)), str(csv_path.parent / "small_gt.nii.gz"))
     lines = csv_path.read_text().splitlines()
     lines.insert(2, lines[1].replace("labels/r0_target.nii.gz", "small_gt.nii.gz"))
@@ -175,10 +176,37 @@ def test_a_folder_refined_in_batches_gives_each_pair_the_field_it_gets_alone(tmp
         cases = sorted(p.name for p in out.iterdir() if p.is_dir())
         assert len(cases) == 4
         records = [json.loads((out / c / "registration.json").read_text())["refinement"] for c in cases]
-        assert [r["pairs_in_batch"] for r in records] == ([2, 2, 2, 2] if batch == 3 else [1, 1, 1, 1])
+        assert [r["pairs_in_batch"] for r in records] == ([3, 3, 3, 1] if batch == 3 else [1, 1, 1, 1])
         fields[batch] = [read_voxel_displacement(out / c / "displacement_voxels.nii.gz") for c in cases]
     for together, alone in zip(fields[3], fields[1]):
         np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_whose_refinement_fails_is_refined_pair_by_pair(tmp_path, run_folder, monkeypatch):
+    """Refining several pairs at once can fail where one pair fits (memory): the batch is retried pair by pair,
+    and only a pair that fails alone is listed in failed.csv."""
+    from adacs_lightning.registration import folder
+
+    from .helpers.fakes import make_folder
+
+    real = folder.refine_staged
+
+    def flaky(model, staged):
+        if len(staged) > 1:
+            raise RuntimeError("not enough memory for the batch (simulated)")
+        if "r1_" in str(staged[0].paths[0]):
+            raise RuntimeError("this pair fails alone")
+        return real(model, staged)
+
+    monkeypatch.setattr(folder, "refine_staged", flaky)
+    csv_path = make_folder(tmp_path / "data", rows=3, shape=(20, 16), formats=(".nii.gz",), split=False)
+    reports = register_cli.run(
+        ["--model", str(run_folder), "--csv", str(csv_path), "--out", str(tmp_path / "out"), "--device", "cpu"]
+        + ["--refine", "3", "--refine-batch", "3", "--maps", "none"]
+    )
+    failed = reports["failed"].read_text().splitlines()[1:]
+    assert len(failed) == 1 and failed[0].startswith("row0002,") and "fails alone" in failed[0]
+    assert [line.split(",")[0] for line in reports["quality"].read_text().splitlines()[1:]] == ["row0001", "row0003"]
 
 
 def test_register_refine_needs_the_run_folder(tmp_path, capsys):

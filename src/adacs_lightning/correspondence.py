@@ -144,7 +144,8 @@ def shift_min_residual(
             sums = box_sum(similarity(windows[0], fixed, mask), patch)
         else:  # the group's shifts along the batch axis: a few large operations instead of many small ones
             times = len(group)
-            stacked = similarity(torch.cat(windows), _repeated(fixed, times), _repeated(mask, times))
+            batch_mask = None if mask is None else mask.expand(fixed.shape[0], *mask.shape[1:])
+            stacked = similarity(torch.cat(windows), _repeated(fixed, times), _repeated(batch_mask, times))
             sums = box_sum(stacked, patch).unflatten(0, (len(group), -1)).amin(dim=0)
         best = sums if best is None else torch.minimum(best, sums, out=best)
     return best if patch == 1 else best.div_(box_count(spatial, patch, best))

@@ -259,7 +259,7 @@ def draw_registration(
             else:
                 vmin, vmax = limits.get(key) or (0.0, 1.0)
             if key == "score":  # over the target, so where Ŝ falls reads against the anatomy
-                ax.imshow(panels["target"], cmap="gray", interpolation="nearest")
+                ax.imshow(panels["target"], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
             alpha = SCORE_ALPHA if key == "score" else None
             image = ax.imshow(panels[key], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", alpha=alpha)
             bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)

@@ -59,7 +59,7 @@ def jacobian_determinant(ddf: Tensor) -> Tensor:
         raise ValueError(f"a {ndim}-channel displacement needs {ndim} spatial axes, got shape {tuple(ddf.shape)}")
     # gradients[i][:, j] = ∂u_j/∂x_i; J[j][i] = δ_ij + ∂u_j/∂x_i, each (B, *spatial)
     gradients = torch.gradient(ddf, dim=tuple(range(2, ddf.ndim)))
-    jac = [[gradients[i][:, j] + float(i == j) for i in range(ndim)] for j in range(ndim)]
+    jac = [[gradients[i][:, j] + 1.0 if i == j else gradients[i][:, j] for i in range(ndim)] for j in range(ndim)]
     if ndim == 2:  # the determinant written out: elementwise, where a batched LU per voxel is slow
         return jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
     if ndim == 3:

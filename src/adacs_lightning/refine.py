@@ -274,14 +274,14 @@ class Refiner:
         return total
 
     def _fold_guard(self, ddf: Tensor, mask: Tensor | None) -> Tensor:
-        """``mean relu(margin − det J)`` per pair ``(B,)``. Where no voxel is below the margin it is exactly 0 with a
-        zero gradient, so the determinant's graph (a third of a 3D step) is built only when some voxel is."""
-        with torch.no_grad():
-            near_folding = bool((jacobian_determinant(ddf) < self.fold_margin).any())
-        if not near_folding:
+        """``mean relu(margin − det J)`` per pair ``(B,)``. Where every voxel's det J is finite and at least the margin
+        it is exactly 0 with a zero gradient: the term then leaves the graph, and the backward pass skips the
+        determinant (a third of a 3D step)."""
+        det = jacobian_determinant(ddf)
+        settled = det.detach()
+        if not bool((settled < self.fold_margin).any()) and bool(torch.isfinite(settled).all()):
             return ddf.new_zeros(ddf.shape[0])
-        shortfall = F.relu(self.fold_margin - jacobian_determinant(ddf)).unsqueeze(1)
-        return masked_mean(shortfall, mask, per_sample=True)
+        return masked_mean(F.relu(self.fold_margin - det).unsqueeze(1), mask, per_sample=True)
 
     # ------------------------------------------------------------------ optimisation
     def _field(self, start: Tensor, correction: Tensor) -> Tensor:

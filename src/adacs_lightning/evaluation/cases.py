@@ -156,15 +156,18 @@ class CaseEvaluator:
             row["kept_mass"] = float(kept_mass(weight, residual, mask))
         if pair.get("nocorr") is not None:
             row.update(self._mechanism(pair, ddf, weight, mask))
-        quality = self._quality(pair, ddf, weight)
-        return {**row, **{k: v for k, v in quality.items() if k not in row}}
+        return {**row, **self._quality(pair, ddf, weight)}
 
     def _quality(self, pair: Mapping[str, Any], ddf: Tensor, weight: Tensor | None) -> dict[str, Any]:
-        """``adacs-register``'s quality figures and flag for this case (:func:`~.quality.quality_figures`)."""
+        """``adacs-register``'s quality figures and flag for this case (:func:`~.quality.quality_figures`), over the
+        target's foreground; the two the row already has over its mask are named ``foreground_folding_pct`` and
+        ``foreground_score_mean``. The score counts for a method with a scorer (AdaCS), as in ``adacs-register``."""
         source, target = (pair[k][0].float().mean(0) for k in ("source", "target"))  # (*spatial), channels averaged
         field = ddf[0].float().cpu()
-        score = None if weight is None else weight[0, 0].float().cpu()
-        return quality_figures(field, source, target, warp_image(source, field), score)
+        scored = weight is not None and getattr(self.weighting, "scorer", None) is not None
+        score = weight[0, 0].float().cpu() if scored else None
+        figures = quality_figures(field, source, target, warp_image(source, field), score)
+        return {f"foreground_{k}" if k in ("folding_pct", "score_mean") else k: v for k, v in figures.items()}
 
     def _weight_map(self, pair: Mapping[str, Any], ddf: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """``(weight, residual, mask)`` of the registered pair: the method's map (Ŝ for AdaCS) and the residual it

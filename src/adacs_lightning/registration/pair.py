@@ -142,6 +142,8 @@ def stage_pair(
     padded = padded_network_field(
         model.backbone, moving, fixed, model.scale, settings.divisible, model.device, roi, *fit
     )
+    if padded.ddf.is_cuda:  # the network's time ends when its work on the GPU does
+        torch.cuda.synchronize(padded.ddf.device)
     volumes = (source, target, labels, target_label_map)
     return StagedPair((source_path, target_path), volumes, note, grid, (moving, fixed), padded, fit_labels,
                       time.perf_counter() - start)  # fmt: skip
