@@ -99,7 +99,7 @@ def network_displacement(
     """
     labels = (source_labels, target_labels) if refiner is not None else (None, None)
     padded = padded_network_field(backbone, source, target, scale, divisible, device, roi_size, *labels)
-    return padded.network_field() if refiner is None else refine_fields(refiner, [padded])[0]
+    return refine_fields(refiner, [padded])[0]
 
 
 @dataclass
@@ -192,11 +192,14 @@ def padded_network_field(
 
 
 def refine_fields(refiner, fields: list[PaddedField]) -> list[NetworkField]:
-    """Each pair's field refined by ``refiner``, pairs of one padded shape (and the same labels given) in one batch.
+    """Each pair's field refined by ``refiner``, pairs of one padded shape (and the same labels given) in one batch;
+    without a refiner, the network's fields.
 
     Adam is elementwise and every term is per pair, so a pair refined in a batch moves as if alone
     (:func:`~adacs_lightning.refine.minimise_per_pair`); batching only shares each step's passes over the images.
     """
+    if refiner is None:
+        return [field.network_field() for field in fields]
     groups: dict[tuple, list[int]] = {}
     for index, field in enumerate(fields):
         groups.setdefault((tuple(field.moving.shape), tuple(sorted(field.labels))), []).append(index)

@@ -60,16 +60,6 @@ class PairResult:
 
 
 @dataclass
-class _Registered:
-    """One registration on the target's grid, and what was computed on the network's."""
-
-    result: Registration
-    grid: NetworkGrid
-    network_pair: tuple[np.ndarray, np.ndarray]  # source, target on the network's grid
-    network_ddf: torch.Tensor  # the final displacement on the network's grid (voxels)
-
-
-@dataclass
 class StagedPair:
     """A pair read, put on the network's grid and run through the network; its refinement and outputs pending.
 
@@ -152,8 +142,6 @@ def stage_pair(
 def refine_staged(model: RegistrationModel, staged: list[StagedPair]) -> list[NetworkField]:
     """The final field on the network's grid of each staged pair: refined together (pairs of one shape in one
     batch) with the run's refiner, else the network's."""
-    if model.refiner is None:
-        return [pair.padded.network_field() for pair in staged]
     return refine_fields(model.refiner, [pair.padded for pair in staged])
 
 
@@ -170,7 +158,6 @@ def finish_pair(
     )
     source_labels = None if labels is None else np.rint(labels.array).astype(np.int32)
     result = apply_displacement(source.array, native, source_labels, settings.inverse)
-    registered = _Registered(result, staged.grid, staged.network_pair, field.ddf)
     seconds = staged.seconds + (time.perf_counter() - start) + (field.refinement or {}).get("seconds", 0.0)
     out = Path(out)
     name = f"{settings.prefix}{{}}{_suffix(target_path)}"
@@ -209,7 +196,7 @@ def finish_pair(
             "grid": refiner.grid,
             "labels_used": bool(staged.fit_labels and refiner.label_weight > 0),
         }
-    record["quality"], maps = _quality(model, settings.divisible, source, target, registered)
+    record["quality"], maps = _quality(model, settings.divisible, staged, result, field.ddf)
     for key, array in maps.items():
         files[key] = write_image(array, target, out / name.format(key))
     if target_label_map is not None:
@@ -223,20 +210,20 @@ def finish_pair(
 
 
 def _quality(
-    model: RegistrationModel, divisible: int, source: Volume, target: Volume, registered: _Registered
+    model: RegistrationModel, divisible: int, staged: StagedPair, result: Registration, network_ddf: torch.Tensor
 ) -> tuple[dict, dict]:
     """The pair's quality figures and flag, and the maps asked for (``score``, ``residual``, ``jacobian_determinant``).
 
     The score map is the scorer's on the network's grid (where it was trained), sampled on the target's.
     """
-    moving, fixed = (_unit(v.array, model.scale) for v in (source, target))
-    ddf = torch.as_tensor(registered.result.ddf)
+    moving, fixed = (_unit(v.array, model.scale) for v in staged.volumes[:2])
+    ddf = torch.as_tensor(result.ddf)
     warped = warp_image(moving, ddf)
     score = None
     if model.scorer is not None:
-        grid, (net_moving, net_fixed) = registered.grid, registered.network_pair
+        grid, (net_moving, net_fixed) = staged.grid, staged.network_pair
         net_fixed = _unit(net_fixed, model.scale)
-        net_warped = warp_image(_unit(net_moving, model.scale), registered.network_ddf)
+        net_warped = warp_image(_unit(net_moving, model.scale), network_ddf)
         score = grid.to_native(score_on_grid(model.method, net_fixed, net_warped, divisible)[None])[0]
     figures = quality_figures(ddf, moving, fixed, warped, score)
     maps = {}
